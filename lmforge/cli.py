@@ -1,0 +1,180 @@
+"""`lmforge <verb>`: parse arguments, load configuration, call one function per verb.
+
+User mistakes (LmforgeError) print one line and exit with code 2; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML recipe: a path, or the name of a shipped recipe "
+                        "(default: shakespeare-char)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmforge.config import load_config
+    from lmforge.data.prepare import prepare
+    from lmforge.data.store import TokenStore
+
+    config = load_config(args.config, args.overrides)
+    path = prepare(config.data, config.model.family, out=args.out)
+    manifest = TokenStore(path).manifest
+    splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
+    print(f"token store: {path} (vocab {manifest['vocab_size']:,}; {splits})")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from lmforge.config import load_config
+    from lmforge.run import load_run_config
+    from lmforge.train.trainer import pretrain
+
+    if args.resume:
+        if args.config:
+            raise LmforgeError("--resume continues a run with its own config.yaml; use --set to change values")
+        run_dir = Path(args.resume)
+        config = load_run_config(run_dir, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+        run_dir = Path(args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = pretrain(config, run_dir, resume=bool(args.resume))
+    if result.interrupted_by is not None:
+        print(f"stopped at step {result.step}; checkpoint written. Continue with:\n"
+              f"  lmforge pretrain --resume {run_dir}")
+        return 128 + result.interrupted_by
+    if result.sample is not None:
+        print("\n--- sample " + "-" * 60 + f"\n{result.sample}\n" + "-" * 71)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(f"validation loss: {val}  (step {result.step}, {result.seconds:.0f}s)")
+    print(f"run directory: {run_dir}  (loss curve: {run_dir / 'plots' / 'loss.png'})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lmforge.data.loader import CLMLoader
+    from lmforge.data.prepare import prepare
+    from lmforge.data.store import TokenStore
+    from lmforge.run import load_run
+    from lmforge.train.device import resolve_device
+    from lmforge.train.evaluate import evaluate_loss
+
+    device = resolve_device(args.device)
+    run = load_run(args.run, args.checkpoint, device)
+    tc = run.config.train
+    store = TokenStore(prepare(run.config.data, run.config.model.family, progress=False))
+    loader = CLMLoader(store.split(args.split), run.config.model.block_size, tc.batch_size, tc.seed + 1)
+    result = evaluate_loss(run.model, loader, args.batches or tc.eval_batches, device, tc.precision)
+    result = {"checkpoint": run.checkpoint.path.name, "split": args.split, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{run.checkpoint.path.name}: {args.split} loss {result['val_loss']:.4f}, "
+              f"perplexity {result['val_ppl']:.2f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.infer.generate import generate
+    from lmforge.run import load_run
+    from lmforge.train.device import resolve_device
+
+    if args.temperature < 0:
+        raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    device = resolve_device(args.device)
+    run = load_run(args.run, args.checkpoint, device)
+    tokenizer = run.tokenizer
+    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    if not ids:
+        from lmforge.data.tokenizer import eos_id
+
+        ids = [eos_id(tokenizer)]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        out = generate(run.model, torch.tensor([ids], device=device), args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmforge.report import plot_run, summarize
+
+    run_dir = Path(args.run)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise LmforgeError(f"{run_dir} has no metrics.jsonl: not an lmforge run directory")
+    written = plot_run(run_dir)
+    print(summarize(run_dir))
+    for path in written:
+        print(f"plot: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Pretrain and fine-tune Transformer language models.")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("prepare", help="corpus -> tokenizer -> token store")
+    _add_config_args(p)
+    p.add_argument("--out", help="store directory (default: data.store, or a cache directory)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="pretrain a model (no arguments: the built-in default)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest complete checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("evaluate", help="validation loss and perplexity of a run's checkpoint")
+    p.add_argument("run")
+    p.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batches", type=int, help="batches to evaluate (default: train.eval_batches)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="sample text from a decoder run")
+    p.add_argument("run")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--checkpoint")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("report", help="plots and a summary of a run")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LmforgeError as exc:
+        print(f"lmforge {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmforge {args.verb}: interrupted", file=sys.stderr)
+        return 130

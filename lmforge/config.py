@@ -1,0 +1,290 @@
+"""Typed configuration: dataclasses per section, YAML loading, `--set a.b=c` overrides, validation.
+
+Every error names the offending key and what would have been accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
+
+RECIPES_DIR = Path(__file__).parent / "configs"
+DEFAULT_RECIPE = "shakespeare-char"
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["char", "bpe"] = "bpe"  # char: one token per character; bpe: byte-level BPE (GPT-2 style)
+    vocab_size: int = 8192  # target size for bpe; ignored for char
+    path: Optional[str] = None  # use an existing tokenizer.json instead of training one
+    train_max_bytes: int = 200_000_000  # train on at most this much text (a bounded sample of the corpus)
+
+    def validate(self, prefix: str) -> None:
+        if self.kind == "bpe" and self.path is None and self.vocab_size < 257:
+            raise LmforgeError(f"{prefix}.vocab_size must be at least 257 for byte-level bpe, got {self.vocab_size}")
+        if self.train_max_bytes <= 0:
+            raise LmforgeError(f"{prefix}.train_max_bytes must be positive, got {self.train_max_bytes}")
+
+
+@dataclass
+class SplitConfig:
+    # document: each document goes to validation with probability val_fraction (a hash of its text);
+    # tail: the last val_fraction of the token stream is validation (nanoGPT's split of one long text).
+    by: Literal["document", "tail"] = "document"
+    val_fraction: float = 0.05
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LmforgeError(f"{prefix}.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class DataConfig:
+    corpus: list[str] = field(default_factory=list)  # files, directories or globs; "builtin:NAME" for shipped text
+    format: Literal["auto", "txt", "jsonl"] = "auto"
+    text_field: str = "text"  # the JSONL field that holds the text
+    txt_documents: Literal["file", "paragraph", "line"] = "file"  # what one document is in a .txt file
+    encoding_errors: Literal["replace", "skip"] = "replace"  # undecodable bytes: replace them, or skip the file
+    store: Optional[str] = None  # where the token store goes; None = a cache directory keyed by this section
+    shard_tokens: int = 50_000_000
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def validate(self, prefix: str) -> None:
+        if not self.corpus and self.store is None:
+            raise LmforgeError(f"{prefix}.corpus is empty: give files, directories or globs (or {prefix}.store)")
+        if self.shard_tokens <= 0:
+            raise LmforgeError(f"{prefix}.shard_tokens must be positive, got {self.shard_tokens}")
+        self.tokenizer.validate(f"{prefix}.tokenizer")
+        self.split.validate(f"{prefix}.split")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay floor
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 250
+    eval_batches: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # keep the newest K checkpoints (0 keeps all)
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    sample_tokens: int = 200  # length of the sample generated at the end ("0" disables it)
+    sample_prompt: str = "\n"
+
+    def validate(self, prefix: str) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
+                    "log_every", "max_bad_steps")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+        for key in ("lr",):
+            if not getattr(self, key) > 0:
+                raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+        for key in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "keep_checkpoints", "eps",
+                    "sample_tokens"):
+            if getattr(self, key) < 0:
+                raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
+        if self.min_lr > self.lr:
+            raise LmforgeError(f"{prefix}.min_lr ({self.min_lr}) must not exceed {prefix}.lr ({self.lr})")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise LmforgeError(f"{prefix}.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise LmforgeError(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.data.validate("data")
+        self.model.validate("model")
+        self.train.validate("train")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except LmforgeError:
+                pass
+        raise LmforgeError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise LmforgeError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single path where a list is expected is a list of one
+        if not isinstance(value, list):
+            raise LmforgeError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise LmforgeError(f"config key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise LmforgeError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise LmforgeError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LmforgeError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise LmforgeError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in lmforge, not user input
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise LmforgeError(f"unknown config key '{full}' (allowed here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is read as YAML."""
+    if "=" not in text:
+        raise LmforgeError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise LmforgeError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-3" as a string; numbers in scientific notation are what people type.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise LmforgeError(f"--set {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a recipe that ships with lmforge (e.g. 'gpt-tiny')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise LmforgeError(f"config file not found: {name_or_path} (shipped recipes: {available})")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise LmforgeError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LmforgeError(f"cannot read config {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a recipe (default: the built-in one), apply `--set` overrides and validate."""
+    path = resolve_recipe(name_or_path or DEFAULT_RECIPE)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    data.setdefault("name", path.stem)
+    return from_dict(Config, data).validate()
+
+
+def config_from_dict(data: dict[str, Any], overrides: Optional[list[str]] = None) -> Config:
+    return from_dict(Config, apply_overrides(data, overrides or [])).validate()
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

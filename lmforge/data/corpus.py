@@ -1,0 +1,204 @@
+"""Stream Documents from text files, directories and globs, in constant memory.
+
+Formats: plain text (.txt and anything else that decodes) and JSON lines (.jsonl / .json), each
+optionally compressed (.gz, .bz2, .xz). Bad input is counted and reported, never a traceback.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import json
+import lzma
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from lmforge.errors import LmforgeError
+
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+_SKIP_SUFFIXES = {".md", ".yaml", ".yml", ".py", ".pyc"}  # metadata next to corpora, not corpus text
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # "path" or "path:line", for messages
+
+
+@dataclass
+class CorpusStats:
+    files: int = 0
+    documents: int = 0
+    bytes: int = 0
+    empty_documents: int = 0
+    files_with_replaced_bytes: int = 0
+    skipped_files: list[str] = field(default_factory=list)  # "path (why)"
+    bad_json_lines: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _plain_suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in _OPENERS:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def resolve_corpus_files(patterns: list[str]) -> list[Path]:
+    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list."""
+    if not patterns:
+        raise LmforgeError("no corpus given: data.corpus lists files, directories or globs")
+    files: list[Path] = []
+    for pattern in patterns:
+        if pattern.startswith("builtin:"):
+            name = pattern.removeprefix("builtin:")
+            path = SAMPLE_DATA_DIR / f"{name}.txt"
+            if not path.is_file():
+                shipped = ", ".join(sorted(p.stem for p in SAMPLE_DATA_DIR.glob("*.txt")))
+                raise LmforgeError(f"unknown built-in corpus {pattern!r} (shipped: {shipped})")
+            files.append(path)
+            continue
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and _plain_suffix(p) not in _SKIP_SUFFIXES)
+            if not found:
+                raise LmforgeError(f"corpus directory {path} holds no text files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif any(ch in pattern for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise LmforgeError(f"corpus glob {pattern!r} matches no files")
+            files.extend(found)
+        else:
+            raise LmforgeError(f"corpus file not found: {pattern}")
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    opener = _OPENERS.get(path.suffix.lower())
+    return opener(path, "rb") if opener else open(path, "rb")
+
+
+def _looks_binary(path: Path) -> bool:
+    with _open_binary(path) as fh:
+        head = fh.read(8192)
+    return b"\x00" in head
+
+
+def iter_documents(
+    patterns: list[str],
+    fmt: str = "auto",
+    text_field: str = "text",
+    txt_documents: str = "file",
+    encoding_errors: str = "replace",
+    stats: CorpusStats | None = None,
+) -> Iterator[Document]:
+    """Yield every non-empty Document of the corpus, file by file, in a stable order."""
+    stats = stats if stats is not None else CorpusStats()
+    for path in resolve_corpus_files(patterns):
+        yield from _iter_file(path, fmt, text_field, txt_documents, encoding_errors, stats)
+
+
+def _skip(stats: CorpusStats, path: Path, why: str) -> None:
+    stats.skipped_files.append(f"{path} ({why})")
+    print(f"warning: skipping {path}: {why}", file=sys.stderr)
+
+
+def _iter_file(path: Path, fmt: str, text_field: str, txt_documents: str, encoding_errors: str,
+               stats: CorpusStats) -> Iterator[Document]:
+    try:
+        if _looks_binary(path):
+            _skip(stats, path, "binary file")
+            return
+        kind = fmt if fmt != "auto" else ("jsonl" if _plain_suffix(path) in _JSONL_SUFFIXES else "txt")
+        with _open_binary(path) as raw:
+            data = raw.read() if kind == "txt" and txt_documents == "file" else None
+            if data is not None:
+                yield from _txt_whole(path, data, encoding_errors, stats)
+                return
+            yield from _iter_lines(path, raw, kind, text_field, txt_documents, encoding_errors, stats)
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        _skip(stats, path, f"unreadable: {exc}")
+    finally:
+        stats.files += 1
+
+
+def _decode(data: bytes, encoding_errors: str) -> tuple[str | None, bool]:
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        if encoding_errors == "skip":
+            return None, True
+        return data.decode("utf-8", errors="replace"), True
+
+
+def _emit(text: str, source: str, stats: CorpusStats) -> Iterator[Document]:
+    if not text.strip():
+        stats.empty_documents += 1
+        return
+    stats.documents += 1
+    stats.bytes += len(text.encode("utf-8"))
+    yield Document(text, source)
+
+
+def _txt_whole(path: Path, data: bytes, encoding_errors: str, stats: CorpusStats) -> Iterator[Document]:
+    text, replaced = _decode(data, encoding_errors)
+    if text is None:
+        _skip(stats, path, "not valid UTF-8 (data.encoding_errors=skip)")
+        return
+    stats.files_with_replaced_bytes += int(replaced)
+    yield from _emit(text, str(path), stats)
+
+
+def _iter_lines(path: Path, raw: IO[bytes], kind: str, text_field: str, txt_documents: str,
+                encoding_errors: str, stats: CorpusStats) -> Iterator[Document]:
+    paragraph: list[str] = []
+    paragraph_start = 1
+    replaced_any = False
+    for lineno, line_bytes in enumerate(raw, start=1):
+        line, replaced = _decode(line_bytes, encoding_errors)
+        if line is None:
+            print(f"warning: {path}:{lineno}: not valid UTF-8, line skipped", file=sys.stderr)
+            replaced_any = True
+            continue
+        replaced_any |= replaced
+        if kind == "jsonl":
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                stats.bad_json_lines += 1
+                print(f"warning: {path}:{lineno}: malformed JSON line skipped ({exc.msg})", file=sys.stderr)
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise LmforgeError(f"{path}:{lineno}: no field {text_field!r} (found: {keys}); set data.text_field")
+            value = record[text_field]
+            if not isinstance(value, str):
+                raise LmforgeError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text")
+            yield from _emit(value, f"{path}:{lineno}", stats)
+        elif txt_documents == "line":
+            yield from _emit(line.rstrip("\r\n"), f"{path}:{lineno}", stats)
+        else:  # paragraph: blank lines separate documents
+            if line.strip():
+                if not paragraph:
+                    paragraph_start = lineno
+                paragraph.append(line)
+            elif paragraph:
+                yield from _emit("".join(paragraph).rstrip("\r\n"), f"{path}:{paragraph_start}", stats)
+                paragraph = []
+    if paragraph:
+        yield from _emit("".join(paragraph).rstrip("\r\n"), f"{path}:{paragraph_start}", stats)
+    stats.files_with_replaced_bytes += int(replaced_any)

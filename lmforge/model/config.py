@@ -1,0 +1,39 @@
+"""ModelConfig: the shape of a Transformer, independent of how it is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["gpt"] = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    block_size: int = 64  # longest sequence the position embeddings cover
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def validate(self, prefix: str = "model") -> None:
+        for key in ("n_layer", "n_head", "d_model", "block_size", "mlp_ratio"):
+            if getattr(self, key) <= 0:
+                raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+        if self.vocab_size < 0:
+            raise LmforgeError(f"{prefix}.vocab_size must be >= 0 (0 = from the tokenizer), got {self.vocab_size}")
+        if self.d_model % self.n_head:
+            raise LmforgeError(
+                f"{prefix}.n_head ({self.n_head}) must divide {prefix}.d_model ({self.d_model})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmforgeError(f"{prefix}.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head

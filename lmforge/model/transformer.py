@@ -1,0 +1,105 @@
+"""Transformer stacks built from layers.py. GPT: a decoder-only causal LM in GPT-2's layout."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.layers import MLP, KVCache, SelfAttention
+
+IGNORE_INDEX = -100  # label value that contributes no loss
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig, causal: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = SelfAttention(config, causal=causal)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, past: Optional[KVCache] = None) -> tuple[torch.Tensor, KVCache]:
+        attn_out, present = self.attn(self.ln_1(x), past)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    past: Optional[list[KVCache]] = None
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, pre-LN blocks, final LayerNorm, LM head tied to the embeddings."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, causal=True) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02), with projections into the residual stream scaled by 1/sqrt(2 * n_layer)
+        # so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                past: Optional[list[KVCache]] = None, use_cache: bool = False) -> CausalLMOutput:
+        """idx: (batch, length) token ids; targets: same shape, IGNORE_INDEX where no loss is wanted."""
+        past_length = past[0][0].shape[2] if past else 0
+        length = idx.shape[1]
+        if past_length + length > self.config.block_size:
+            raise ValueError(f"sequence of {past_length + length} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(past_length, past_length + length, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, past[i] if past else None)
+            presents.append(present)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return CausalLMOutput(logits, loss, presents if use_cache else None)
+
+    def num_parameters(self, exclude_embeddings: bool = True) -> int:
+        """Parameter count; position embeddings excluded by default since they do no matmul work."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.wpe.weight.numel() if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12 * layers * width * seq_len (attention)."""
+        c = self.config
+        return 6 * self.num_parameters() + 12 * c.n_layer * c.d_model * seq_len
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    if config.family == "gpt":
+        return GPT(config)
+    raise ValueError(f"unknown model family {config.family!r}")

@@ -1,0 +1,30 @@
+"""Validation loss and perplexity over a fixed set of batches (the same ones at every evaluation)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.data.loader import CLMLoader
+from lmforge.train.device import autocast
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader: CLMLoader, batches: int, device: torch.device,
+                  precision: str) -> dict[str, float]:
+    """Mean token loss over batches 0..batches-1 of `loader`; leaves the model's mode as it was."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for index in range(batches):
+        x, y = loader.batch(index)
+        x, y = x.to(device), y.to(device)
+        with autocast(device, precision):
+            loss = model(x, y).loss
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    mean = total / count
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}

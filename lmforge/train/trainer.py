@@ -1,0 +1,245 @@
+"""The pretraining loop: step, accumulate, clip, log, evaluate, checkpoint; resumable at any checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lmforge.config import Config, dump_config
+from lmforge.data.loader import CLMLoader
+from lmforge.data.prepare import prepare
+from lmforge.data.store import TokenStore
+from lmforge.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import generate
+from lmforge.model import build_model
+from lmforge.report import plot_run
+from lmforge.run import CONFIG_FILE, TOKENIZER_FILE, load_run_config
+from lmforge.train.checkpoint import find_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from lmforge.train.device import autocast, measured_matmul_flops, resolve_device, synchronize
+from lmforge.train.evaluate import evaluate_loss
+from lmforge.train.metrics import MetricsWriter
+from lmforge.train.optim import build_optimizer, learning_rate
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: Optional[float] = None
+    sample: Optional[str] = None
+    interrupted_by: Optional[int] = None  # signal number when stopped by SIGINT / SIGTERM
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: leave now; checkpoints are atomic, nothing tears
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+              f"(Ctrl-C again to quit at once)", file=sys.stderr)
+
+    @contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, self._handle)
+        except ValueError:  # not the main thread (e.g. embedded use): run without handlers
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(config: Config, run_dir: Path, store: TokenStore) -> None:
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise LmforgeError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                           f"or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / CONFIG_FILE)
+    shutil.copyfile(store.tokenizer_path, run_dir / TOKENIZER_FILE)
+
+
+def _check_resume_compatible(run_dir: Path, store: TokenStore) -> None:
+    theirs = tokenizer_sha256(load_tokenizer(run_dir / TOKENIZER_FILE))
+    if theirs != store.manifest["tokenizer_sha256"]:
+        raise LmforgeError(f"cannot resume {run_dir}: its tokenizer differs from the token store's "
+                           f"({theirs[:12]} vs {store.manifest['tokenizer_sha256'][:12]}); "
+                           f"the data config changed since the run started")
+
+
+def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train config.model on config.data from scratch (or from run_dir's newest checkpoint)."""
+    started = time.time()
+    tc = config.train
+    device = resolve_device(tc.device)
+    store = TokenStore(prepare(config.data, config.model.family, progress=progress))
+    vocab_size = store.manifest["vocab_size"]
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = vocab_size
+    elif config.model.vocab_size < vocab_size:
+        raise LmforgeError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+
+    if resume:
+        _check_resume_compatible(run_dir, store)
+        dump_config(config, run_dir / CONFIG_FILE)  # overrides given with --resume become part of the run
+    else:
+        _prepare_run_dir(config, run_dir, store)
+
+    seed_everything(tc.seed)
+    model = build_model(config.model).to(device)
+    optimizer = build_optimizer(model, tc, device)
+    train_loader = CLMLoader(store.split("train"), config.model.block_size, tc.batch_size, tc.seed)
+    val_loader = CLMLoader(store.split("val"), config.model.block_size, tc.batch_size, tc.seed + 1)
+    state: dict[str, Any] = {"tokens_seen": 0, "bad_steps_total": 0}
+    step = 0
+    if resume:
+        ckpt = find_checkpoint(run_dir)
+        load_model_weights(model, ckpt.model_path)
+        optimizer.load_state_dict(ckpt.optimizer_state())
+        train_loader.load_state_dict(ckpt.state["loader"])
+        set_rng_state(ckpt.state["rng"])
+        step = ckpt.state["step"]
+        state["tokens_seen"] = ckpt.state["tokens_seen"]
+        state["bad_steps_total"] = ckpt.state.get("bad_steps_total", 0)
+        if progress:
+            print(f"resuming {run_dir} from {ckpt.path.name} (step {step})", file=sys.stderr)
+    train_model = torch.compile(model) if tc.compile else model
+
+    tokens_per_step = tc.batch_size * tc.grad_accum * config.model.block_size
+    flops_per_step = model.flops_per_token(config.model.block_size) * tokens_per_step
+    peak_flops = measured_matmul_flops(device, tc.precision)
+    metrics = MetricsWriter(run_dir, resume_step=step if resume else None)
+    result = TrainResult(run_dir, step)
+    if progress:
+        print(f"model: {config.model.family}, {model.num_parameters() / 1e6:.2f}M parameters, "
+              f"{tokens_per_step:,} tokens/step, {tc.precision} on {device}", file=sys.stderr)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {
+            "tokens_seen": state["tokens_seen"], "bad_steps_total": state["bad_steps_total"],
+            "loader": train_loader.state_dict(), "rng": rng_state(), "config": config.to_dict(),
+        }, keep_last=tc.keep_checkpoints)
+
+    bar = tqdm(total=tc.steps, initial=step, desc="pretrain", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    bad_in_a_row = 0
+    window_tokens, window_start = 0, time.perf_counter()
+    model.train()
+    with StopRequest().installed() as stop:
+        while step < tc.steps:
+            lr = learning_rate(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(tc.grad_accum):
+                x, y = train_loader.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, tc.precision):
+                    loss = train_model(x, y).loss / tc.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            if math.isfinite(loss_sum) and math.isfinite(grad_norm.item()):
+                optimizer.step()
+                bad_in_a_row = 0
+            else:  # skip the update: one bad batch must not poison the weights
+                bad_in_a_row += 1
+                state["bad_steps_total"] += 1
+                print(f"\nwarning: step {step + 1}: non-finite loss or gradient norm; update skipped "
+                      f"({bad_in_a_row} in a row)", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["tokens_seen"] += tokens_per_step
+            window_tokens += tokens_per_step
+            bar.update(1)
+
+            if bad_in_a_row >= tc.max_bad_steps:
+                metrics.close()
+                bar.close()
+                last = find_checkpoint(run_dir).path.name if (run_dir / "checkpoints" / "latest").exists() else "none"
+                raise LmforgeError(f"{bad_in_a_row} consecutive non-finite steps ending at step {step}; stopped. "
+                                   f"Last good checkpoint: {last}. Roll back with: lmforge pretrain --resume "
+                                   f"{run_dir} --set train.lr={tc.lr / 2:g}")
+
+            row: dict[str, Any] = {}
+            if step % tc.log_every == 0 or step == tc.steps:
+                synchronize(device)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                mfu = tokens_per_s / tokens_per_step * flops_per_step / peak_flops
+                row = {"step": step, "tokens": state["tokens_seen"], "loss": loss_sum, "lr": lr,
+                       "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
+                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+                window_tokens, window_start = 0, time.perf_counter()
+            if step % tc.eval_every == 0 or step == tc.steps:
+                evaluated = evaluate_loss(model, val_loader, tc.eval_batches, device, tc.precision)
+                row = {"step": step, "tokens": state["tokens_seen"], **row, **evaluated}
+                result.val_loss = evaluated["val_loss"]
+                if progress:
+                    bar.write(f"step {step}: val loss {evaluated['val_loss']:.4f}, "
+                              f"ppl {evaluated['val_ppl']:.2f}", file=sys.stderr)
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if row:
+                metrics.log(row)
+                result.history.append(row)
+            if step % tc.checkpoint_every == 0 or step == tc.steps or stop.signum is not None:
+                checkpoint()
+                window_start = time.perf_counter()
+            if stop.signum is not None:
+                result.interrupted_by = stop.signum
+                break
+    bar.close()
+    metrics.close()
+    result.step = step
+    plot_run(run_dir)
+    if result.interrupted_by is None and tc.sample_tokens > 0:
+        result.sample = sample_text(model, load_tokenizer(run_dir / TOKENIZER_FILE), tc.sample_prompt,
+                                    tc.sample_tokens, device, seed=tc.seed)
+        (run_dir / "samples.txt").write_text(result.sample + "\n", encoding="utf-8")
+    result.seconds = time.time() - started
+    (run_dir / "summary.json").write_text(json.dumps({
+        "step": result.step, "val_loss": result.val_loss, "seconds": round(result.seconds, 1),
+        "interrupted": result.interrupted_by is not None}, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
+                device: torch.device, seed: int, temperature: float = 0.8, top_k: Optional[int] = 200,
+                top_p: Optional[float] = None) -> str:
+    """Decode a sampled continuation of `prompt` (prompt included)."""
+    # An empty prompt starts from the end-of-text token: "a new document begins".
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eos_id(tokenizer)]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, generator=generator)
+    return tokenizer.decode(out[0].tolist())
