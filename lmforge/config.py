@@ -88,7 +88,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; weights and optimizer stay fp32
     compile: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     sample_tokens: int = 200  # length of the sample generated at the end ("0" disables it)

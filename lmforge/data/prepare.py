@@ -34,6 +34,8 @@ def data_fingerprint(config: DataConfig, family: str) -> str:
     described = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "store"}
     if config.tokenizer.path:
+        if not Path(config.tokenizer.path).is_file():
+            raise LmforgeError(f"data.tokenizer.path: file not found: {config.tokenizer.path}")
         settings["tokenizer_sha256"] = hashlib.sha256(Path(config.tokenizer.path).read_bytes()).hexdigest()
     blob = json.dumps({"family": family, "settings": settings, "files": described}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -9,7 +9,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,8 +28,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """Mixed precision: parameters stay fp32, matmuls run in the low-precision dtype."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "fp16" and device.type == "cpu":
-        raise LmforgeError("train.precision=fp16 is for GPUs; on a CPU use bf16")
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
