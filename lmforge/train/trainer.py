@@ -138,6 +138,11 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
     tokens_per_step = tc.batch_size * tc.grad_accum * config.model.block_size
     flops_per_step = model.flops_per_token(config.model.block_size) * tokens_per_step
     peak_flops = measured_matmul_flops(device, tc.precision)
+    if tc.precision != "fp32" and progress:
+        fp32_flops = measured_matmul_flops(device, "fp32")
+        if peak_flops < fp32_flops:  # e.g. an AVX2-only CPU has no native bf16 matmul
+            print(f"warning: {tc.precision} matmuls run at {peak_flops / 1e9:.1f} GFLOP/s on this {device.type} "
+                  f"vs {fp32_flops / 1e9:.1f} in fp32; train.precision=fp32 will be faster here", file=sys.stderr)
     metrics = MetricsWriter(run_dir, resume_step=step if resume else None)
     result = TrainResult(run_dir, step)
     if progress:
@@ -145,10 +150,16 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
               f"{tokens_per_step:,} tokens/step, {tc.precision} on {device}", file=sys.stderr)
 
     def checkpoint() -> Path:
-        return save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {
-            "tokens_seen": state["tokens_seen"], "bad_steps_total": state["bad_steps_total"],
-            "loader": train_loader.state_dict(), "rng": rng_state(), "config": config.to_dict(),
-        }, keep_last=tc.keep_checkpoints)
+        try:
+            return save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {
+                "tokens_seen": state["tokens_seen"], "bad_steps_total": state["bad_steps_total"],
+                "loader": train_loader.state_dict(), "rng": rng_state(), "config": config.to_dict(),
+            }, keep_last=tc.keep_checkpoints)
+        except OSError as exc:  # disk full, quota, permissions: stop, keeping the last good checkpoint
+            latest = run_dir / "checkpoints" / "latest"
+            kept = latest.read_text().strip() if latest.is_file() else "none"
+            raise LmforgeError(f"could not write the step-{step} checkpoint ({exc.strerror or exc}); "
+                               f"the previous checkpoint ({kept}) is intact") from None
 
     bar = tqdm(total=tc.steps, initial=step, desc="pretrain", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
