@@ -37,7 +37,8 @@ def build_pair(shape: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
                            d_model=shape["d_model"], block_size=shape["block_size"]))
     peer_config = GPT2Config(vocab_size=VOCAB, n_positions=shape["block_size"], n_embd=shape["d_model"],
                              n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                             attn_pdrop=0.0, activation_function="gelu_new")
+                             attn_pdrop=0.0, activation_function="gelu_new", bos_token_id=None,
+                             eos_token_id=None)
     peer = GPT2LMHeadModel(peer_config, attn_implementation="sdpa") if _accepts_attn_impl() else GPT2LMHeadModel(peer_config)
     return ours, peer
 
@@ -66,7 +67,7 @@ def step_fn(model: torch.nn.Module, is_ours: bool, precision: str):
     return step
 
 
-def measure(shape_name: str, precision: str, rounds: int, steps: int) -> dict:
+def measure(shape_name: str, precision: str, rounds: int, steps: int, max_seconds: float) -> dict:
     shape = SHAPES[shape_name]
     ours, peer = build_pair(shape)
     batch, block = shape["batch"], shape["block_size"]
@@ -75,14 +76,17 @@ def measure(shape_name: str, precision: str, rounds: int, steps: int) -> dict:
     steppers = {"ours": step_fn(ours, True, precision), "peer": step_fn(peer, False, precision)}
     times: dict[str, list[float]] = {"ours": [], "peer": []}
     for name, step in steppers.items():  # warm-up: allocator, kernels, autocast caches
-        for i in range(3):
+        for i in range(1):
             step(data[i, :, :-1], data[i, :, 1:])
     for _ in range(rounds):
         for name, step in steppers.items():
+            round_start = time.perf_counter()
             for i in range(steps):
                 start = time.perf_counter()
                 step(data[i, :, :-1], data[i, :, 1:])
                 times[name].append(time.perf_counter() - start)
+                if i >= 1 and time.perf_counter() - round_start > max_seconds:
+                    break  # a slow precision on this machine (e.g. bf16 without native support)
     peak = measured_matmul_flops(torch.device("cpu"), precision)
     flops_per_token = ours.flops_per_token(block)
     result = {}
@@ -99,6 +103,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model per round")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="cut a round short after this long")
     args = parser.parse_args()
 
     import transformers
@@ -109,7 +114,7 @@ def main() -> None:
     best: dict[str, dict[str, float]] = {}
     for shape in args.shapes:
         for precision in args.precisions:
-            r = measure(shape, precision, args.rounds, args.steps)
+            r = measure(shape, precision, args.rounds, args.steps, args.max_seconds)
             o, p = r["ours"], r["peer"]
             print(f"{shape:<7}{precision:<6}{r['peak_tflops']:>13.3f}{o['tokens_per_s']:>12,.0f}{o['mfu']:>10.1%}"
                   f"{p['tokens_per_s']:>12,.0f}{p['mfu']:>10.1%}{o['tokens_per_s'] / p['tokens_per_s']:>11.2f}",
