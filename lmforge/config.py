@@ -85,6 +85,7 @@ class TrainConfig:
     eval_batches: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # keep the newest K checkpoints (0 keeps all)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     log_every: int = 10
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -103,7 +104,7 @@ class TrainConfig:
         for key in ("lr",):
             if not getattr(self, key) > 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
-        for key in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "keep_checkpoints", "eps",
+        for key in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "keep_checkpoints", "keep_every", "eps",
                     "sample_tokens"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")

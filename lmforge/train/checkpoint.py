@@ -112,7 +112,7 @@ def step_dirs(root: Path) -> list[Path]:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+                    trainer_state: dict[str, Any], keep_last: int = 0, keep_every: int = 0) -> Path:
     """Write checkpoint `step` under `root` atomically and point `latest` at it."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -140,6 +140,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Optional
         raise
     if keep_last > 0:
         for old in step_dirs(root)[:-keep_last]:
+            if keep_every > 0 and int(STEP_DIR.match(old.name).group(1)) % keep_every == 0:
+                continue  # a milestone kept for good (e.g. for later evaluation)
             shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -154,7 +154,7 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
             return save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {
                 "tokens_seen": state["tokens_seen"], "bad_steps_total": state["bad_steps_total"],
                 "loader": train_loader.state_dict(), "rng": rng_state(), "config": config.to_dict(),
-            }, keep_last=tc.keep_checkpoints)
+            }, keep_last=tc.keep_checkpoints, keep_every=tc.keep_every)
         except OSError as exc:  # disk full, quota, permissions: stop, keeping the last good checkpoint
             latest = run_dir / "checkpoints" / "latest"
             kept = latest.read_text().strip() if latest.is_file() else "none"

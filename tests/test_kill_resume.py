@@ -1,0 +1,70 @@
+"""SIGKILL a real training process at random instants, resume it, and compare with an unbroken run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_config_dict
+from lmforge.train.checkpoint import step_dirs
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "lmforge", *args]
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_killed_runs_resume_bit_identically(tmp_path, corpus_file):
+    # A checkpoint at every step makes checkpoint writing a large share of the run's time, so
+    # random kill instants land inside checkpoint writes as well as inside training steps.
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(corpus_file, steps=40, checkpoint_every=1,
+                                                      keep_checkpoints=2, eval_every=20)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli("pretrain", "--config", str(config), "--out", str(reference)), env=env, check=True,
+                   capture_output=True)
+
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(3):
+        run = tmp_path / f"killed-{attempt}"
+        proc = subprocess.Popen(_cli("pretrain", "--config", str(config), "--out", str(run)), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and not step_dirs(run / "checkpoints"):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        done = subprocess.run(_cli("pretrain", "--resume", str(run)), env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert _losses(run) == _losses(reference)
+        a = load_file(str(reference / "checkpoints/step-000040/model.safetensors"))
+        b = load_file(str(run / "checkpoints/step-000040/model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
+    assert kills >= 2  # the runs were really interrupted, not finished before the signal
+
+
+def test_keep_every_retains_milestones(tmp_path, corpus_file):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(corpus_file, steps=30, checkpoint_every=5,
+                                                      keep_checkpoints=2, keep_every=10)))
+    run = tmp_path / "run"
+    subprocess.run(_cli("pretrain", "--config", str(config), "--out", str(run)), check=True, capture_output=True)
+    assert [p.name for p in step_dirs(run / "checkpoints")] == ["step-000010", "step-000020", "step-000025",
+                                                                "step-000030"]
