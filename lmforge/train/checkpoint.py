@@ -117,7 +117,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Optional
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):  # half-written by a process that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         save_file(model_state(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
