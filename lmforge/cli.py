@@ -21,6 +21,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory")
+    parser.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest complete)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.data.prepare import prepare
@@ -73,13 +79,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tc = run.config.train
     store = TokenStore(prepare(run.config.data, run.config.model.family, progress=False))
     loader = CLMLoader(store.split(args.split), run.config.model.block_size, tc.batch_size, tc.seed + 1)
-    result = evaluate_loss(run.model, loader, args.batches or tc.eval_batches, device, tc.precision)
-    result = {"checkpoint": run.checkpoint.path.name, "split": args.split, **result}
+    measured = evaluate_loss(run.model, loader, args.batches or tc.eval_batches, device, tc.precision)
+    result = {"checkpoint": run.checkpoint.path.name, "split": args.split,
+              "loss": measured["val_loss"], "perplexity": measured["val_ppl"]}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{run.checkpoint.path.name}: {args.split} loss {result['val_loss']:.4f}, "
-              f"perplexity {result['val_ppl']:.2f}")
+        print(f"{run.checkpoint.path.name}: {args.split} loss {result['loss']:.4f}, "
+              f"perplexity {result['perplexity']:.2f}")
     return 0
 
 
@@ -94,6 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise LmforgeError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     tokenizer = run.tokenizer
@@ -141,16 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("evaluate", help="validation loss and perplexity of a run's checkpoint")
-    p.add_argument("run")
-    p.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest)")
+    _add_run_args(p)
     p.add_argument("--split", default="val")
     p.add_argument("--batches", type=int, help="batches to evaluate (default: train.eval_batches)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="sample text from a decoder run")
-    p.add_argument("run")
+    _add_run_args(p)
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -158,8 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--checkpoint")
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("report", help="plots and a summary of a run")

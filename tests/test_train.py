@@ -47,7 +47,7 @@ def test_pretrain_writes_a_complete_run_and_learns(tmp_path, corpus_file, capsys
 
     assert main(["evaluate", str(run), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["checkpoint"] == "step-000030" and evaluated["val_loss"] > 0
+    assert evaluated["checkpoint"] == "step-000030" and evaluated["loss"] > 0
 
     assert main(["generate", str(run), "--prompt", "The ", "--max-new-tokens", "12", "--seed", "3"]) == 0
     first = capsys.readouterr().out
