@@ -95,3 +95,13 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, c
     assert checkpoint_module.verify_checkpoint(run / "checkpoints" / "step-000010") is None
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
     assert main(["evaluate", str(run)]) == 0
+
+
+def test_resuming_with_a_changed_model_shape_is_refused(tmp_path, corpus_file, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", _config(tmp_path, corpus_file, steps=10), "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--set", "model.d_model=64", "--set", "train.steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and "shape differs" in err and "Traceback" not in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["d_model"] == 32  # run left as it was

@@ -111,7 +111,6 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
 
     if resume:
         _check_resume_compatible(run_dir, store)
-        dump_config(config, run_dir / CONFIG_FILE)  # overrides given with --resume become part of the run
     else:
         _prepare_run_dir(config, run_dir, store)
 
@@ -131,6 +130,7 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
         step = ckpt.state["step"]
         state["tokens_seen"] = ckpt.state["tokens_seen"]
         state["bad_steps_total"] = ckpt.state.get("bad_steps_total", 0)
+        dump_config(config, run_dir / CONFIG_FILE)  # it fits: overrides given with --resume join the run
         if progress:
             print(f"resuming {run_dir} from {ckpt.path.name} (step {step})", file=sys.stderr)
     train_model = torch.compile(model) if tc.compile else model
