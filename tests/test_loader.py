@@ -50,3 +50,10 @@ def test_an_epoch_covers_every_block_once_and_ranks_are_disjoint():
     assert len(offsets) == 1  # one shift per epoch
     assert sorted(s // block for s in starts) == sorted(set(s // block for s in starts))  # no repeats
     assert len(starts) == 40
+
+
+def test_unshuffled_loader_reads_consecutive_blocks_from_the_start():
+    loader = CLMLoader(_split(16 * 10), 16, 3, seed=5, shuffle=False)
+    x, _ = loader.batch(1)
+    assert x[:, 0].tolist() == [48, 64, 80]  # blocks 3, 4, 5
+    assert loader.batches_per_epoch == 3  # 9 blocks fit (one block of slack for the label shift)

@@ -16,9 +16,9 @@ from lmforge.data.store import SplitReader
 
 class CLMLoader:
     def __init__(self, split: SplitReader, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self.blocks_per_epoch = num_blocks(split.num_tokens, block_size)
         self.batch_index = 0
         self._layout_epoch = -1
@@ -29,7 +29,8 @@ class CLMLoader:
         epochs, positions = np.divmod(sample_indices, self.blocks_per_epoch)
         for epoch in np.unique(epochs):
             if epoch != self._layout_epoch:
-                self._layout = epoch_layout(self.seed, int(epoch), self.split.num_tokens, self.block_size)
+                self._layout = epoch_layout(self.seed, int(epoch), self.split.num_tokens, self.block_size,
+                                            self.shuffle)
                 self._layout_epoch = int(epoch)
             shift, order = self._layout
             mask = epochs == epoch
@@ -49,6 +50,10 @@ class CLMLoader:
         batch = self.batch(self.batch_index)
         self.batch_index += 1
         return batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.blocks_per_epoch // (self.batch_size * self.world_size)
 
     @property
     def epoch(self) -> float:

@@ -20,12 +20,16 @@ def num_blocks(num_tokens: int, block_size: int) -> int:
     return count
 
 
-def epoch_layout(seed: int, epoch: int, num_tokens: int, block_size: int) -> tuple[int, np.ndarray]:
+def epoch_layout(seed: int, epoch: int, num_tokens: int, block_size: int,
+                 shuffle: bool = True) -> tuple[int, np.ndarray]:
     """(shift, order) of an epoch: block k starts at shift + order[k] * block_size.
 
     A fresh shift each epoch shows the model every boundary position; the order is a seeded shuffle.
     Both depend only on (seed, epoch), so any step's batch can be recomputed after a restart.
+    Without shuffling (evaluation) the blocks are simply consecutive from the start of the split.
     """
+    if not shuffle:
+        return 0, np.arange(num_blocks(num_tokens, block_size))
     rng = np.random.default_rng([seed, epoch])
     shift = int(rng.integers(block_size))
     order = rng.permutation(num_blocks(num_tokens, block_size))
