@@ -24,36 +24,36 @@ def plot_run(run_dir: Path) -> list[Path]:
     written = []
 
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
-    if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
-    if val:
-        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax_loss.set_ylabel("loss (nats/token)")
-    ax_loss.set_title(f"{run_dir.name}")
-    ax_loss.grid(alpha=0.3)
+    _series(ax_loss, train, "loss", "loss (nats/token)", label="train", lw=1)
+    _series(ax_loss, val, "val_loss", "loss (nats/token)", "o-", label="validation")
+    ax_loss.set_title(run_dir.name)
     ax_loss.legend()
-    lr_rows = [r for r in train if r.get("lr") is not None]
-    ax_lr.plot([r["step"] for r in lr_rows], [r["lr"] for r in lr_rows], color="tab:green")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "loss.png")
+    _series(ax_lr, [r for r in train if r.get("lr") is not None], "lr", "learning rate", color="tab:green")
+    written.append(_save(fig, out / "loss.png"))
 
     speed = [r for r in train if r.get("tokens_per_s")]
     if speed:
         fig, ax = plt.subplots(figsize=(8, 3))
-        ax.plot([r["step"] for r in speed], [r["tokens_per_s"] for r in speed])
-        ax.set_xlabel("step")
-        ax.set_ylabel("tokens / s")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "throughput.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "throughput.png")
+        _series(ax, speed, "tokens_per_s", "tokens / s")
+        written.append(_save(fig, out / "throughput.png"))
     return written
+
+
+def _series(ax, rows: list[dict], key: str, ylabel: str, *style, **kwargs) -> None:
+    if rows:
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], *style, **kwargs)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def summarize(run_dir: Path) -> str:
