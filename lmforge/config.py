@@ -72,6 +72,8 @@ class DataConfig:
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 12  # sequences per micro-batch
+    # blocks: each epoch a shuffled partition of the stream (no window twice); random: uniform offsets
+    windows: Literal["blocks", "random"] = "blocks"
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
     min_lr: float = 1e-4  # cosine decay floor

@@ -10,31 +10,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmforge.data.objectives.clm import epoch_layout, inputs_and_labels, num_blocks
+from lmforge.data.objectives.clm import epoch_starts, inputs_and_labels, num_blocks
 from lmforge.data.store import SplitReader
 
 
 class CLMLoader:
     def __init__(self, split: SplitReader, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 rank: int = 0, world_size: int = 1, order: str = "blocks"):
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
-        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.seed, self.rank, self.world_size, self.order = seed, rank, world_size, order
         self.blocks_per_epoch = num_blocks(split.num_tokens, block_size)
         self.batch_index = 0
-        self._layout_epoch = -1
-        self._layout: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.int64))
+        self._epoch = -1
+        self._epoch_starts = np.zeros(0, dtype=np.int64)
 
     def _starts(self, sample_indices: np.ndarray) -> np.ndarray:
         starts = np.empty(len(sample_indices), dtype=np.int64)
         epochs, positions = np.divmod(sample_indices, self.blocks_per_epoch)
         for epoch in np.unique(epochs):
-            if epoch != self._layout_epoch:
-                self._layout = epoch_layout(self.seed, int(epoch), self.split.num_tokens, self.block_size,
-                                            self.shuffle)
-                self._layout_epoch = int(epoch)
-            shift, order = self._layout
+            if epoch != self._epoch:
+                self._epoch_starts = epoch_starts(self.seed, int(epoch), self.split.num_tokens, self.block_size,
+                                                  self.order)
+                self._epoch = int(epoch)
             mask = epochs == epoch
-            starts[mask] = shift + order[positions[mask]] * self.block_size
+            starts[mask] = self._epoch_starts[positions[mask]]
         return starts
 
     def batch(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,8 +117,9 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
     seed_everything(tc.seed)
     model = build_model(config.model).to(device)
     optimizer = build_optimizer(model, tc, device)
-    train_loader = CLMLoader(store.split("train"), config.model.block_size, tc.batch_size, tc.seed)
-    val_loader = CLMLoader(store.split("val"), config.model.block_size, tc.batch_size, seed=0, shuffle=False)
+    train_loader = CLMLoader(store.split("train"), config.model.block_size, tc.batch_size, tc.seed,
+                             order=tc.windows)
+    val_loader = CLMLoader(store.split("val"), config.model.block_size, tc.batch_size, seed=0, order="sequential")
     state: dict[str, Any] = {"tokens_seen": 0, "bad_steps_total": 0}
     step = 0
     if resume:

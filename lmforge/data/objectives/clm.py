@@ -20,20 +20,28 @@ def num_blocks(num_tokens: int, block_size: int) -> int:
     return count
 
 
-def epoch_layout(seed: int, epoch: int, num_tokens: int, block_size: int,
-                 shuffle: bool = True) -> tuple[int, np.ndarray]:
-    """(shift, order) of an epoch: block k starts at shift + order[k] * block_size.
+WINDOW_ORDERS = ("blocks", "random", "sequential")
 
-    A fresh shift each epoch shows the model every boundary position; the order is a seeded shuffle.
-    Both depend only on (seed, epoch), so any step's batch can be recomputed after a restart.
-    Without shuffling (evaluation) the blocks are simply consecutive from the start of the split.
+
+def epoch_starts(seed: int, epoch: int, num_tokens: int, block_size: int, order: str = "blocks") -> np.ndarray:
+    """Start offsets of every window of an epoch, a pure function of (seed, epoch).
+
+    blocks: the split cut into blocks at a fresh random shift each epoch, in a seeded shuffle; every
+        token is in exactly one window per epoch (nothing seen twice), the choice for large corpora.
+    random: windows at uniformly random offsets, drawn with replacement (nanoGPT's sampling); on a
+        small corpus the varied offsets act as augmentation.
+    sequential: consecutive blocks from the start of the split (evaluation).
     """
-    if not shuffle:
-        return 0, np.arange(num_blocks(num_tokens, block_size))
+    count = num_blocks(num_tokens, block_size)
+    if order == "sequential":
+        return np.arange(count, dtype=np.int64) * block_size
     rng = np.random.default_rng([seed, epoch])
+    if order == "random":
+        return rng.integers(0, num_tokens - block_size, size=count, dtype=np.int64)
+    if order != "blocks":
+        raise ValueError(f"unknown window order {order!r}; expected one of {WINDOW_ORDERS}")
     shift = int(rng.integers(block_size))
-    order = rng.permutation(num_blocks(num_tokens, block_size))
-    return shift, order
+    return shift + rng.permutation(count).astype(np.int64) * block_size
 
 
 def inputs_and_labels(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
