@@ -123,7 +123,7 @@ def _build(config: DataConfig, family: str, root: Path, progress: bool) -> dict:
             ids = np.fromiter((*enc.ids, eos), dtype=np.int64, count=len(enc.ids) + 1)
             split = "val" if by_document and is_validation(doc.text, config.split.val_fraction) else "train"
             writers[split].add(ids)
-        bar.update(sum(len(d.text.encode("utf-8")) for d in batch))
+        bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
         bar.set_postfix(docs=stats.documents)
     bar.close()
     if stats.documents == 0:
