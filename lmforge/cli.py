@@ -79,7 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tc = run.config.train
     store = TokenStore(prepare(run.config.data, run.config.model.family, progress=False))
     loader = CLMLoader(store.split(args.split), run.config.model.block_size, tc.batch_size, seed=0, order="sequential")
-    measured = evaluate_loss(run.model, loader, args.batches or tc.eval_batches, device, tc.precision)
+    measured = evaluate_loss(run.model, loader, args.batches or tc.eval_batches, device, tc.precision,
+                             progress=True)
     result = {"checkpoint": run.checkpoint.path.name, "split": args.split,
               "loss": measured["val_loss"], "perplexity": measured["val_ppl"]}
     if args.json:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from lmforge.data.loader import CLMLoader
 from lmforge.train.device import autocast
@@ -13,7 +15,7 @@ from lmforge.train.device import autocast
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: CLMLoader, batches: int, device: torch.device,
-                  precision: str) -> dict[str, float]:
+                  precision: str, progress: bool = False) -> dict[str, float]:
     """Mean token loss over the first `batches` batches of `loader` (at most one pass over its split).
 
     Give it an unshuffled loader and every evaluation, in any run with any seed, scores the same
@@ -22,7 +24,9 @@ def evaluate_loss(model: nn.Module, loader: CLMLoader, batches: int, device: tor
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for index in range(max(1, min(batches, loader.batches_per_epoch))):
+    count_batches = max(1, min(batches, loader.batches_per_epoch))
+    for index in tqdm(range(count_batches), desc="evaluating", unit="batch", disable=not progress,
+                      file=sys.stderr, leave=False):
         x, y = loader.batch(index)
         x, y = x.to(device), y.to(device)
         with autocast(device, precision):
