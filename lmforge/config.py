@@ -23,8 +23,10 @@ DEFAULT_RECIPE = "shakespeare-char"
 
 @dataclass
 class TokenizerConfig:
-    kind: Literal["char", "bpe"] = "bpe"  # char: one token per character; bpe: byte-level BPE (GPT-2 style)
-    vocab_size: int = 8192  # target size for bpe; ignored for char
+    # char: one token per character; bpe: byte-level BPE (GPT-2); wordpiece: BERT's; unigram: SentencePiece-style
+    kind: Literal["char", "bpe", "wordpiece", "unigram"] = "bpe"
+    vocab_size: int = 8192  # target size for bpe / wordpiece / unigram; ignored for char
+    lowercase: bool = True  # wordpiece only: BERT "uncased" normalisation (lower-case, strip accents)
     path: Optional[str] = None  # use an existing tokenizer.json instead of training one
     train_max_bytes: int = 200_000_000  # train on at most this much text (a bounded sample of the corpus)
 

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 from tqdm import tqdm
 
 from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
 from lmforge.data.store import SplitWriter, TokenStore, dtype_for_vocab, move_tail, write_manifest
-from lmforge.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_tokenizer
+from lmforge.data.encode import boundary_token, encode_documents
+from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
 ENCODE_BATCH_BYTES = 4 << 20  # hand the Rust tokenizer this much text at a time; it parallelises inside
@@ -107,7 +107,7 @@ def _build(config: DataConfig, family: str, root: Path, progress: bool) -> dict:
         train_texts = (d.text for d in documents()
                        if not (by_document and is_validation(d.text, config.split.val_fraction)))
         tokenizer = train_tokenizer(train_texts, config.tokenizer, family, show_progress=progress)
-    eos = eos_id(tokenizer)
+    boundary = boundary_token(tokenizer, family)
     vocab_size = tokenizer.get_vocab_size()
     dtype = dtype_for_vocab(vocab_size)
     tokenizer.save(str(root / "tokenizer.json"))
@@ -118,9 +118,9 @@ def _build(config: DataConfig, family: str, root: Path, progress: bool) -> dict:
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     for batch in _batches(documents(stats), ENCODE_BATCH_BYTES):
-        encodings = tokenizer.encode_batch([d.text for d in batch], add_special_tokens=False)
-        for doc, enc in zip(batch, encodings):
-            ids = np.fromiter((*enc.ids, eos), dtype=np.int64, count=len(enc.ids) + 1)
+        for doc, ids in zip(batch, encode_documents(tokenizer, [d.text for d in batch], family)):
+            if len(ids) == 0:
+                continue
             split = "val" if by_document and is_validation(doc.text, config.split.val_fraction) else "train"
             writers[split].add(ids)
         bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
@@ -143,7 +143,9 @@ def _build(config: DataConfig, family: str, root: Path, progress: bool) -> dict:
     manifest = {
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": vocab_size,
-        "eos_id": eos,
+        # gpt: end-of-text after each document; bert: [SEP] after each sentence
+        "boundary_id": boundary,
+        **({"eos_id": boundary} if family == "gpt" else {"sentence_end_id": boundary}),
         "dtype": dtype.name,
         "family": family,
         "splits": splits,

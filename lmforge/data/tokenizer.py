@@ -6,15 +6,18 @@ import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.config import TokenizerConfig
 from lmforge.errors import LmforgeError
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
-# Special tokens by model family; the first one ends every document in a causal-LM stream.
-SPECIAL_TOKENS = {"gpt": [EOS]}
+PAD, BERT_UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+# Special tokens by model family, in id order. gpt: EOS ends every document in a causal-LM stream.
+# bert: BERT's five, with [PAD] = 0 as transformers' BERT expects.
+SPECIAL_TOKENS = {"gpt": [EOS], "bert": [PAD, BERT_UNK, CLS, SEP, MASK]}
+UNK_TOKEN = {"gpt": UNK, "bert": BERT_UNK}
 
 
 def _take_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -31,35 +34,73 @@ def _take_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, family: str = "gpt",
                     show_progress: bool = True) -> Tokenizer:
     """Train a tokenizer of `config.kind` on (a bounded sample of) `texts`."""
+    if family not in SPECIAL_TOKENS:
+        raise LmforgeError(f"no tokenizer recipe for model family {family!r} (known: {', '.join(SPECIAL_TOKENS)})")
     specials = SPECIAL_TOKENS[family]
     sample = _take_bytes(texts, config.train_max_bytes)
     if config.kind == "char":
-        return _train_char(sample, specials)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
-    )
-    tokenizer.train_from_iterator(sample, trainer)
+        tokenizer = _train_char(sample, specials, UNK_TOKEN[family])
+    elif config.kind == "wordpiece":
+        # BERT's recipe: lower-cased, accents stripped, split on whitespace and punctuation, "##" suffixes.
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK_TOKEN[family]))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=config.lowercase,
+                                                          strip_accents=config.lowercase)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(vocab_size=config.vocab_size, special_tokens=_with_unk(specials, family),
+                                            show_progress=show_progress)
+        tokenizer.train_from_iterator(sample, trainer)
+    elif config.kind == "unigram":
+        # SentencePiece-style Unigram LM over Metaspace pre-tokens (T5's tokenizer kind).
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.normalizer = normalizers.NFKC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=config.vocab_size, special_tokens=_with_unk(specials, family),
+                                          unk_token=UNK_TOKEN[family], show_progress=show_progress)
+        tokenizer.train_from_iterator(sample, trainer)
+    else:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=config.vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        tokenizer.train_from_iterator(sample, trainer)
+    if tokenizer.get_vocab_size() <= len(specials):
+        raise LmforgeError("cannot train a tokenizer: the corpus has no text")
+    if family == "bert":
+        _add_bert_template(tokenizer)
     return tokenizer
 
 
-def _train_char(texts: Iterable[str], specials: list[str]) -> Tokenizer:
-    """One token per Unicode character seen in training, sorted; unseen characters map to <unk>."""
+def _with_unk(specials: list[str], family: str) -> list[str]:
+    return specials if UNK_TOKEN[family] in specials else [*specials, UNK_TOKEN[family]]
+
+
+def _add_bert_template(tokenizer: Tokenizer) -> None:
+    """encode(a) -> [CLS] a [SEP]; encode(a, b) -> [CLS] a [SEP] b [SEP] with token types 0 / 1."""
+    cls, sep = tokenizer.token_to_id(CLS), tokenizer.token_to_id(SEP)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)])
+
+
+def _train_char(texts: Iterable[str], specials: list[str], unk: str) -> Tokenizer:
+    """One token per Unicode character seen in training, sorted; unseen characters map to the unknown token."""
     alphabet: set[str] = set()
     for text in texts:
         alphabet.update(text)
     if not alphabet:
         raise LmforgeError("cannot train a tokenizer: the corpus has no text")
-    vocab = {tok: i for i, tok in enumerate([*specials, UNK, *sorted(alphabet)])}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    with_unk = specials if unk in specials else [*specials, unk]
+    vocab = {tok: i for i, tok in enumerate([*with_unk, *sorted(alphabet)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens(specials + [UNK])
+    tokenizer.add_special_tokens(with_unk)
     return tokenizer
 
 
@@ -75,6 +116,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def special_id(tokenizer: Tokenizer, token: str, why: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise LmforgeError(f"the tokenizer has no {token} token, which {why}")
+    return token_id
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
