@@ -67,28 +67,40 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lmforge.data.loader import CLMLoader
+    from lmforge.data.loader import loader_for
     from lmforge.data.prepare import prepare
     from lmforge.data.store import TokenStore
     from lmforge.run import load_run
     from lmforge.train.device import resolve_device
-    from lmforge.train.evaluate import evaluate_loss
+    from lmforge.train.evaluate import evaluate
 
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     tc = run.config.train
     store = TokenStore(prepare(run.config.data, run.config.model.family, progress=False))
-    loader = CLMLoader(store.split(args.split), run.config.model.block_size, tc.batch_size, seed=0, order="sequential")
-    measured = evaluate_loss(run.model, loader, args.batches or tc.eval_batches, device, tc.precision,
-                             progress=True)
+    loader = loader_for(run.config, store, args.split, training=False)
+    measured = evaluate(run.model, loader, args.batches or tc.eval_batches, device, tc.precision, progress=True)
     result = {"checkpoint": run.checkpoint.path.name, "split": args.split,
-              "loss": measured["val_loss"], "perplexity": measured["val_ppl"]}
+              **{k.removeprefix("val_"): v for k, v in measured.items()}}
+    if "ppl" in result:
+        result["perplexity"] = result.pop("ppl")
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{run.checkpoint.path.name}: {args.split} loss {result['loss']:.4f}, "
-              f"perplexity {result['perplexity']:.2f}")
+        print(f"{run.checkpoint.path.name}: {args.split} " + describe_metrics(result))
     return 0
+
+
+def describe_metrics(metrics: dict) -> str:
+    """'loss 1.8971, perplexity 6.67' or 'loss 5.12, MLM loss 4.50 / accuracy 25.1%, NSP ...' for people."""
+    parts = [f"loss {metrics['loss']:.4f}"]
+    if "perplexity" in metrics:
+        parts.append(f"perplexity {metrics['perplexity']:.2f}")
+    if "mlm_loss" in metrics:
+        parts.append(f"MLM loss {metrics['mlm_loss']:.4f} / accuracy {metrics['mlm_acc']:.1%}")
+    if "nsp_acc" in metrics:
+        parts.append(f"NSP loss {metrics['nsp_loss']:.4f} / accuracy {metrics['nsp_acc']:.1%}")
+    return ", ".join(parts)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

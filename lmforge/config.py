@@ -49,17 +49,48 @@ class SplitConfig:
             raise LmforgeError(f"{prefix}.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
+CURATE_FILTERS = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
+
+
+@dataclass
+class CurateConfig:
+    """Cleaning before tokenization, run as datatrove pipelines (see lmforge/data/curate.py)."""
+
+    normalize: bool = False  # fix broken Unicode and mojibake (ftfy)
+    filters: list[str] = field(default_factory=list)  # any of CURATE_FILTERS, applied in the order given
+    dedup: Literal["none", "exact", "minhash"] = "none"  # minhash removes near duplicates (and exact ones)
+    language: str = "en"  # for the word tokenizer the Gopher filters and MinHash use
+    chunk_bytes: int = 16_000_000  # text per parallel task; fixed, so the output never depends on data.workers
+    minhash_ngrams: int = 5  # word n-grams hashed per document
+    minhash_buckets: int = 14  # LSH bands; with minhash_hashes_per_bucket, sets the similarity threshold (~0.75)
+    minhash_hashes_per_bucket: int = 8
+
+    @property
+    def enabled(self) -> bool:
+        return self.normalize or bool(self.filters) or self.dedup != "none"
+
+    def validate(self, prefix: str) -> None:
+        for i, name in enumerate(self.filters):
+            if name not in CURATE_FILTERS:
+                raise LmforgeError(f"{prefix}.filters[{i}] must be one of {', '.join(CURATE_FILTERS)}, got {name!r}")
+        for key in ("chunk_bytes", "minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket"):
+            if getattr(self, key) <= 0:
+                raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+
+
 @dataclass
 class DataConfig:
     corpus: list[str] = field(default_factory=list)  # files, directories or globs; "builtin:NAME" for shipped text
-    format: Literal["auto", "txt", "jsonl"] = "auto"
-    text_field: str = "text"  # the JSONL field that holds the text
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    text_field: str = "text"  # the JSONL field or parquet column that holds the text
     txt_documents: Literal["file", "paragraph", "line"] = "file"  # what one document is in a .txt file
     encoding_errors: Literal["replace", "skip"] = "replace"  # undecodable bytes: replace them, or skip the file
     store: Optional[str] = None  # where the token store goes; None = a cache directory keyed by this section
     shard_tokens: int = 50_000_000
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    workers: int = 1  # tokenizer (and curation) processes; 0 = one per CPU core. Never changes the store
 
     def validate(self, prefix: str) -> None:
         if not self.corpus and self.store is None:
@@ -68,6 +99,9 @@ class DataConfig:
             raise LmforgeError(f"{prefix}.shard_tokens must be positive, got {self.shard_tokens}")
         self.tokenizer.validate(f"{prefix}.tokenizer")
         self.split.validate(f"{prefix}.split")
+        self.curate.validate(f"{prefix}.curate")
+        if self.workers < 0:
+            raise LmforgeError(f"{prefix}.workers must be >= 0 (0 = one per CPU core), got {self.workers}")
 
 
 @dataclass
@@ -122,16 +156,40 @@ class TrainConfig:
 
 
 @dataclass
+class MLMConfig:
+    """BERT's pretraining objective (used when model.family is bert)."""
+
+    mask_rate: float = 0.15  # fraction of non-special tokens selected for prediction
+    mask_token_fraction: float = 0.8  # of the selected: replaced by [MASK]
+    random_token_fraction: float = 0.1  # of the selected: replaced by a random token (the rest stay as they are)
+    whole_word: bool = False  # select whole words (all their word pieces) instead of single tokens
+    next_sentence: bool = True  # sentence pairs with the NSP task; false: single segments, MLM only
+    short_seq_prob: float = 0.1  # chance that an example targets a shorter random length (BERT's recipe)
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 < self.mask_rate < 1.0:
+            raise LmforgeError(f"{prefix}.mask_rate must be in (0, 1), got {self.mask_rate}")
+        for key in ("mask_token_fraction", "random_token_fraction", "short_seq_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise LmforgeError(f"{prefix}.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.mask_token_fraction + self.random_token_fraction > 1.0:
+            raise LmforgeError(f"{prefix}.mask_token_fraction + {prefix}.random_token_fraction must not exceed 1, "
+                               f"got {self.mask_token_fraction} + {self.random_token_fraction}")
+
+
+@dataclass
 class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
 
     def validate(self) -> "Config":
         self.data.validate("data")
         self.model.validate("model")
         self.train.validate("train")
+        self.mlm.validate("mlm")
         return self
 
     def to_dict(self) -> dict[str, Any]:

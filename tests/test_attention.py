@@ -8,7 +8,8 @@ from lmforge.model import ModelConfig
 from lmforge.model.layers import SelfAttention
 
 
-def naive_attention(layer: SelfAttention, x: torch.Tensor, causal: bool) -> torch.Tensor:
+def naive_attention(layer: SelfAttention, x: torch.Tensor, causal: bool,
+                    key_mask: torch.Tensor | None = None) -> torch.Tensor:
     b, t, c = x.shape
     h = layer.n_head
     w, bias = layer.qkv.weight.double(), layer.qkv.bias.double()
@@ -19,6 +20,8 @@ def naive_attention(layer: SelfAttention, x: torch.Tensor, causal: bool) -> torc
     if causal:
         future = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
         scores = scores.masked_fill(future, float("-inf"))
+    if key_mask is not None:  # (b, t) True for real tokens: padding keys get no weight
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)
     return y @ layer.proj.weight.double().T + layer.proj.bias.double()
 
@@ -64,3 +67,17 @@ def test_cached_attention_with_several_new_queries_equals_full():
     first, cache = layer(x[:, :6])
     rest, _ = layer(x[:, 6:], past=cache)  # four new queries against six cached keys
     assert torch.allclose(torch.cat([first, rest], dim=1), full, atol=1e-5)
+
+
+def test_padding_mask_matches_naive_float64_and_ignores_padding():
+    layer = _layer(causal=False)
+    x = torch.randn(2, 9, 32)
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[0, 6:] = False  # the first sequence has 3 padding positions
+    ours, _ = layer(x, key_mask=real[:, None, None, :])
+    ref = naive_attention(layer, x, causal=False, key_mask=real)
+    assert (ours.double() - ref).abs().max().item() < 1e-5
+    changed = x.clone()
+    changed[0, 6:] = 100.0  # whatever sits in the padding does not reach the real positions
+    again, _ = layer(changed, key_mask=real[:, None, None, :])
+    assert torch.allclose(ours[0, :6], again[0, :6], atol=1e-6)

@@ -27,9 +27,9 @@ def _poison_losses(monkeypatch, bad_calls):
         model = real_build(config)
         forward, calls = model.forward, {"n": 0}
 
-        def poisoned(idx, targets=None, **kwargs):
-            out = forward(idx, targets, **kwargs)
-            if targets is not None and model.training:
+        def poisoned(input_ids, labels=None, **kwargs):
+            out = forward(input_ids, labels, **kwargs)
+            if labels is not None and model.training:
                 calls["n"] += 1
                 if calls["n"] in bad_calls:
                     out.loss = out.loss * float("nan")

@@ -1,26 +1,74 @@
-"""Deterministic, resumable, rank-sharded batches of causal-LM blocks from a token store split.
+"""Deterministic, resumable, rank-sharded batches from a token store split.
 
 Batch b of the run is a pure function of (seed, b): sample indices [b * G, (b + 1) * G) of the global
 stream, where G = per-rank batch size * world size; rank r takes the r-th slice of each. The position
-is one integer, so `state_dict()` is tiny and resumption is exact.
+is one integer, so `state_dict()` is tiny and resumption is exact. Each loader turns a sample index
+into an example: CLMLoader a block of the token stream, MLMLoader a masked BERT sentence pair.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 
 from lmforge.data.objectives.clm import epoch_starts, inputs_and_labels, num_blocks
+from lmforge.data.objectives.mlm import (BertVocab, MaskingSpec, PlanStats, SentenceIndex, build_pair,
+                                         mask_tokens, plan_epoch, read_segment)
 from lmforge.data.store import SplitReader
+from lmforge.errors import LmforgeError
+
+Batch = dict[str, torch.Tensor]
 
 
-class CLMLoader:
+class _Loader:
+    """Position bookkeeping shared by the loaders; subclasses define examples_per_epoch and batch()."""
+
+    examples_per_epoch: int
+
+    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int):
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.batch_index = 0
+
+    def sample_indices(self, batch_index: int) -> np.ndarray:
+        """This rank's global sample indices in global batch `batch_index`."""
+        first = (batch_index * self.world_size + self.rank) * self.batch_size
+        return np.arange(first, first + self.batch_size, dtype=np.int64)
+
+    def batch(self, batch_index: int) -> Batch:
+        raise NotImplementedError
+
+    def next(self) -> Batch:
+        """The batch at the current position; advances the position."""
+        batch = self.batch(self.batch_index)
+        self.batch_index += 1
+        return batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.examples_per_epoch // (self.batch_size * self.world_size)
+
+    @property
+    def epoch(self) -> float:
+        return self.batch_index * self.batch_size * self.world_size / self.examples_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"batch_index": self.batch_index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_index = int(state["batch_index"])
+        self.seed = int(state["seed"])
+
+
+class CLMLoader(_Loader):
+    """Causal-LM blocks: {"input_ids", "labels"}, labels being the inputs shifted by one."""
+
     def __init__(self, split: SplitReader, block_size: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, order: str = "blocks"):
-        self.split, self.block_size, self.batch_size = split, block_size, batch_size
-        self.seed, self.rank, self.world_size, self.order = seed, rank, world_size, order
-        self.blocks_per_epoch = num_blocks(split.num_tokens, block_size)
-        self.batch_index = 0
+        super().__init__(batch_size, seed, rank, world_size)
+        self.split, self.block_size, self.order = split, block_size, order
+        self.examples_per_epoch = self.blocks_per_epoch = num_blocks(split.num_tokens, block_size)
         self._epoch = -1
         self._epoch_starts = np.zeros(0, dtype=np.int64)
 
@@ -36,31 +84,102 @@ class CLMLoader:
             starts[mask] = self._epoch_starts[positions[mask]]
         return starts
 
-    def batch(self, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (inputs, labels) of global batch `batch_index`, as int64 tensors."""
-        first = (batch_index * self.world_size + self.rank) * self.batch_size
-        samples = np.arange(first, first + self.batch_size, dtype=np.int64)
+    def batch(self, batch_index: int) -> Batch:
+        """This rank's inputs and labels of global batch `batch_index`, as int64 tensors."""
+        samples = self.sample_indices(batch_index)
         windows = np.stack([self.split.read(int(s), self.block_size + 1) for s in self._starts(samples)])
         x, y = inputs_and_labels(windows.astype(np.int64))
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch at the current position; advances the position."""
-        batch = self.batch(self.batch_index)
-        self.batch_index += 1
-        return batch
+
+class MLMLoader(_Loader):
+    """BERT examples: {"input_ids", "token_type_ids", "attention_mask", "mlm_labels", "nsp_labels"}.
+
+    Each epoch re-plans the sentence pairs (fresh A/B cuts and random partners) and every example draws
+    its masks afresh (dynamic masking), both from (seed, epoch, position). Every epoch has as many
+    examples as the first, so the position of any sample index is known without planning the epochs
+    before it. shuffle=False keeps document order and the same masks forever: a fixed evaluation set.
+    """
+
+    def __init__(self, split: SplitReader, vocab: BertVocab, seq_len: int, batch_size: int, seed: int,
+                 masking: MaskingSpec, short_seq_prob: float = 0.1, next_sentence: bool = True,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        super().__init__(batch_size, seed, rank, world_size)
+        special = 3 if next_sentence else 2
+        if seq_len < special + 2:
+            raise LmforgeError(f"model.block_size={seq_len} leaves no room for text after the {special} special "
+                               f"tokens of [CLS] A [SEP]{' B [SEP]' if next_sentence else ''}; use at least "
+                               f"{special + 2}")
+        self.split, self.vocab, self.seq_len, self.masking = split, vocab, seq_len, masking
+        self.short_seq_prob, self.next_sentence, self.shuffle = short_seq_prob, next_sentence, shuffle
+        self.max_tokens = seq_len - special
+        self.sentences = SentenceIndex.build(split, vocab.sep)
+        if self.sentences.num_sentences == 0:
+            raise LmforgeError("the split has no sentences (is this a bert token store? prepare it with "
+                               "model.family=bert)")
+        self.random_pool = vocab.random_pool
+        self._plans: dict[int, np.ndarray] = {}
+        first = self._plan(0)
+        self.examples_per_epoch = len(first)
+        if self.examples_per_epoch == 0:
+            raise LmforgeError("no sentence-pair examples could be formed: every document has a single sentence")
+
+    def _plan(self, epoch: int) -> np.ndarray:
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.seed, epoch, 0])
+            rows, self.plan_stats = plan_epoch(self.sentences, self.max_tokens, rng, self.short_seq_prob,
+                                               self.next_sentence)
+            if self.shuffle:
+                rows = rows[rng.permutation(len(rows))]
+            self._plans = {0: self._plans.get(0, rows), epoch: rows}  # keep epoch 0 and the current one
+        return self._plans[epoch]
+
+    def example(self, sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        epoch, position = divmod(int(sample), self.examples_per_epoch)
+        if not self.shuffle:
+            epoch = 0  # a fixed set: the same pairs and masks however many times it is read
+        plan = self._plan(epoch)
+        a_first, a_end, b_first, b_end, label = (int(v) for v in plan[position % len(plan)])
+        rng = np.random.default_rng([self.seed, epoch, position, 1])
+        a = read_segment(self.split, self.sentences, a_first, a_end, self.vocab.sep)
+        b = read_segment(self.split, self.sentences, b_first, b_end, self.vocab.sep) if self.next_sentence else None
+        ids, types, attention = build_pair(a, b, self.seq_len, self.vocab, rng)
+        masked, labels = mask_tokens(ids, types, self.vocab, self.masking, rng, self.random_pool)
+        return masked, types, attention, labels, label
+
+    def batch(self, batch_index: int) -> Batch:
+        rows = [self.example(s) for s in self.sample_indices(batch_index)]
+        columns = [np.stack([r[i] for r in rows]) for i in range(4)]
+        return {"input_ids": torch.from_numpy(columns[0]), "token_type_ids": torch.from_numpy(columns[1]),
+                "attention_mask": torch.from_numpy(columns[2]), "mlm_labels": torch.from_numpy(columns[3]),
+                "nsp_labels": torch.tensor([r[4] for r in rows], dtype=torch.int64)}
 
     @property
-    def batches_per_epoch(self) -> int:
-        return self.blocks_per_epoch // (self.batch_size * self.world_size)
+    def stats(self) -> Optional[PlanStats]:
+        return getattr(self, "plan_stats", None)
 
-    @property
-    def epoch(self) -> float:
-        return self.batch_index * self.batch_size * self.world_size / self.blocks_per_epoch
 
-    def state_dict(self) -> dict:
-        return {"batch_index": self.batch_index, "seed": self.seed}
+def loader_for(config, store, split: str, training: bool, rank: int = 0, world_size: int = 1) -> _Loader:
+    """The loader of the run's objective over `split` of `store`: shuffled for training, fixed for evaluation.
 
-    def load_state_dict(self, state: dict) -> None:
-        self.batch_index = int(state["batch_index"])
-        self.seed = int(state["seed"])
+    config: an lmforge Config; store: a TokenStore prepared for config.model.family.
+    """
+    from lmforge.data.tokenizer import load_tokenizer
+
+    family, tc = config.model.family, config.train
+    built_for = store.manifest.get("family", "gpt")
+    if built_for != family:
+        raise LmforgeError(f"token store {store.path} was prepared for model.family={built_for}, "
+                           f"not {family}; prepare it again for this model")
+    if family == "bert":
+        m = config.mlm
+        vocab = BertVocab.from_tokenizer(load_tokenizer(store.tokenizer_path))
+        spec = MaskingSpec(m.mask_rate, m.mask_token_fraction, m.random_token_fraction, m.whole_word)
+        return MLMLoader(store.split(split), vocab, config.model.block_size, tc.batch_size,
+                         tc.seed if training else 0, spec, m.short_seq_prob, m.next_sentence,
+                         rank, world_size, shuffle=training)
+    if training:
+        return CLMLoader(store.split(split), config.model.block_size, tc.batch_size, tc.seed, rank, world_size,
+                         order=tc.windows)
+    return CLMLoader(store.split(split), config.model.block_size, tc.batch_size, seed=0, rank=rank,
+                     world_size=world_size, order="sequential")

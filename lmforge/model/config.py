@@ -10,7 +10,7 @@ from lmforge.errors import LmforgeError
 
 @dataclass
 class ModelConfig:
-    family: Literal["gpt"] = "gpt"
+    family: Literal["gpt", "bert"] = "gpt"  # gpt: causal decoder; bert: bidirectional encoder (MLM + NSP)
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
@@ -20,6 +20,21 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    # Where LayerNorm sits: pre (GPT-2; stable when deep) or post (original BERT). auto = the family's own.
+    norm: Literal["auto", "pre", "post"] = "auto"
+    # gelu: exact erf GELU (BERT); gelu_tanh: tanh approximation (GPT-2). auto = the family's own.
+    activation: Literal["auto", "gelu", "gelu_tanh"] = "auto"
+    type_vocab_size: int = 2  # bert: segment (token type) embeddings for sentence A / B
+
+    @property
+    def pre_norm(self) -> bool:
+        return self.norm == "pre" or (self.norm == "auto" and self.family == "gpt")
+
+    @property
+    def gelu_approximate(self) -> str:
+        """The `approximate` argument of torch's GELU for this config."""
+        tanh = self.activation == "gelu_tanh" or (self.activation == "auto" and self.family == "gpt")
+        return "tanh" if tanh else "none"
 
     def validate(self, prefix: str = "model") -> None:
         for key in ("n_layer", "n_head", "d_model", "block_size", "mlp_ratio"):
@@ -31,6 +46,10 @@ class ModelConfig:
             raise LmforgeError(
                 f"{prefix}.n_head ({self.n_head}) must divide {prefix}.d_model ({self.d_model})"
             )
+        if self.family == "gpt" and self.norm == "post":
+            raise LmforgeError(f"{prefix}.norm=post is offered for bert only; GPT blocks are pre-LayerNorm")
+        if self.type_vocab_size <= 0:
+            raise LmforgeError(f"{prefix}.type_vocab_size must be positive, got {self.type_vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise LmforgeError(f"{prefix}.dropout must be in [0, 1), got {self.dropout}")
 

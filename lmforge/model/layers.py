@@ -25,7 +25,9 @@ class SelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, past: Optional[KVCache] = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(self, x: torch.Tensor, past: Optional[KVCache] = None,
+                key_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, KVCache]:
+        """key_mask: optional (batch, 1, 1, keys) bool, True where a key may be attended (padding is False)."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split(self.d_model, dim=2)
         q, k, v = (t.view(batch, length, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
@@ -40,6 +42,11 @@ class SelfAttention(nn.Module):
             else:  # new queries sit at positions past_length.. and may see every key up to their own
                 mask = torch.ones(length, past_length + length, dtype=torch.bool, device=x.device)
                 mask = mask.tril(diagonal=past_length)
+        if key_mask is not None:
+            mask = key_mask if mask is None else mask & key_mask
+            if is_causal:  # SDPA takes either is_causal or a mask: fold causality into the mask
+                mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+                is_causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(batch, length, self.d_model)
@@ -47,7 +54,7 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: expand, GELU (tanh approximation, as GPT-2), project back."""
+    """Position-wise feed-forward network: expand, GELU (GPT-2's tanh approximation or BERT's erf), project back."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -56,6 +63,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = config.gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))

@@ -16,21 +16,42 @@ from lmforge.model.layers import MLP, KVCache, SelfAttention
 IGNORE_INDEX = -100  # label value that contributes no loss
 
 
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """N(0, 0.02) for matrices and embeddings, zero biases (GPT-2 and BERT alike). In pre-LN stacks the
+    projections into the residual stream are scaled by 1/sqrt(2 * n_layer) so the stream's variance
+    does not grow with depth (GPT-2); post-LN stacks renormalise after every sum and need no scaling."""
+    if isinstance(module, nn.Linear):
+        std = 0.02
+        if getattr(module, "is_residual_projection", False) and config.pre_norm:
+            std /= math.sqrt(2 * config.n_layer)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
 class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Transformer block. Pre-LN (GPT-2): x + attn(ln(x)), then x + mlp(ln(x)).
+    Post-LN (original BERT): ln(x + attn(x)), then ln(x + mlp(x))."""
 
     def __init__(self, config: ModelConfig, causal: bool):
         super().__init__()
+        self.pre_norm = config.pre_norm
         self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = SelfAttention(config, causal=causal)
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, past: Optional[KVCache] = None) -> tuple[torch.Tensor, KVCache]:
-        attn_out, present = self.attn(self.ln_1(x), past)
-        x = x + attn_out
-        x = x + self.mlp(self.ln_2(x))
-        return x, present
+    def forward(self, x: torch.Tensor, past: Optional[KVCache] = None,
+                key_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, KVCache]:
+        if self.pre_norm:
+            attn_out, present = self.attn(self.ln_1(x), past, key_mask)
+            x = x + attn_out
+            return x + self.mlp(self.ln_2(x)), present
+        attn_out, present = self.attn(x, past, key_mask)
+        x = self.ln_1(x + attn_out)
+        return self.ln_2(x + self.mlp(x)), present
 
 
 @dataclass
@@ -38,6 +59,12 @@ class CausalLMOutput:
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
     past: Optional[list[KVCache]] = None
+    labels: Optional[torch.Tensor] = None
+
+    def eval_sums(self) -> dict[str, tuple[float, int]]:
+        """(sum, count) per validation metric, so evaluation can average over batches exactly."""
+        n = int((self.labels != IGNORE_INDEX).sum())
+        return {"loss": (float(self.loss) * n, n)}
 
 
 class GPT(nn.Module):
@@ -56,21 +83,12 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2: N(0, 0.02), with projections into the residual stream scaled by 1/sqrt(2 * n_layer)
-        # so the stream's variance does not grow with depth.
-        if isinstance(module, nn.Linear):
-            std = 0.02
-            if getattr(module, "is_residual_projection", False):
-                std /= math.sqrt(2 * self.config.n_layer)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        init_weights(module, self.config)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 past: Optional[list[KVCache]] = None, use_cache: bool = False) -> CausalLMOutput:
-        """idx: (batch, length) token ids; targets: same shape, IGNORE_INDEX where no loss is wanted."""
+        """input_ids: (batch, length) token ids; labels: the next tokens, IGNORE_INDEX where no loss is wanted."""
+        idx, targets = input_ids, labels
         past_length = past[0][0].shape[2] if past else 0
         length = idx.shape[1]
         if past_length + length > self.config.block_size:
@@ -86,7 +104,7 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return CausalLMOutput(logits, loss, presents if use_cache else None)
+        return CausalLMOutput(logits, loss, presents if use_cache else None, targets)
 
     def num_parameters(self, exclude_embeddings: bool = True) -> int:
         """Parameter count; position embeddings excluded by default since they do no matmul work."""
@@ -102,4 +120,8 @@ class GPT(nn.Module):
 def build_model(config: ModelConfig) -> nn.Module:
     if config.family == "gpt":
         return GPT(config)
+    if config.family == "bert":
+        from lmforge.model.encoder import BertForPreTraining  # encoder.py builds on this module's Block
+
+        return BertForPreTraining(config)
     raise ValueError(f"unknown model family {config.family!r}")

@@ -1,38 +1,48 @@
-"""Validation loss and perplexity over a fixed set of batches (the same ones at every evaluation)."""
+"""Validation metrics over a fixed set of batches (the same ones at every evaluation).
+
+The model's output reports (sum, count) per metric for each batch (`eval_sums()`), so the averages
+here are exact over tokens / masked positions / pairs, whatever the batch composition.
+gpt: val_loss (per token) and val_ppl. bert: val_mlm_loss, val_mlm_acc (on masked positions),
+val_nsp_loss, val_nsp_acc, and val_loss = val_mlm_loss + val_nsp_loss (the training loss).
+"""
 
 from __future__ import annotations
 
 import math
 import sys
+from collections import defaultdict
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.data.loader import CLMLoader
 from lmforge.train.device import autocast
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, loader: CLMLoader, batches: int, device: torch.device,
-                  precision: str, progress: bool = False) -> dict[str, float]:
-    """Mean token loss over the first `batches` batches of `loader` (at most one pass over its split).
+def evaluate(model: nn.Module, loader, batches: int, device: torch.device, precision: str,
+             progress: bool = False) -> dict[str, float]:
+    """Averages over the first `batches` batches of `loader` (at most one pass over its split).
 
     Give it an unshuffled loader and every evaluation, in any run with any seed, scores the same
-    windows: the first blocks of the split, or all of it when it is smaller than `batches` batches.
+    examples: the first ones of the split, or all of it when it is smaller than `batches` batches.
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     count_batches = max(1, min(batches, loader.batches_per_epoch))
     for index in tqdm(range(count_batches), desc="evaluating", unit="batch", disable=not progress,
                       file=sys.stderr, leave=False):
-        x, y = loader.batch(index)
-        x, y = x.to(device), y.to(device)
+        batch = {k: v.to(device) for k, v in loader.batch(index).items()}
         with autocast(device, precision):
-            loss = model(x, y).loss
-        total += loss.item() * y.numel()
-        count += y.numel()
+            out = model(**batch)
+        for name, (total, count) in out.eval_sums().items():
+            sums[name][0] += total
+            sums[name][1] += count
     model.train(was_training)
-    mean = total / count
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}
+    metrics = {f"val_{name}": total / count for name, (total, count) in sums.items() if count}
+    if "val_loss" in metrics:
+        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+    elif "val_mlm_loss" in metrics:
+        metrics["val_loss"] = metrics["val_mlm_loss"] + metrics.get("val_nsp_loss", 0.0)
+    return metrics

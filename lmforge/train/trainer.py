@@ -19,18 +19,20 @@ import torch
 from tqdm import tqdm
 
 from lmforge.config import Config, dump_config
-from lmforge.data.loader import CLMLoader
+from lmforge.data.loader import loader_for
 from lmforge.data.prepare import prepare
 from lmforge.data.store import TokenStore
 from lmforge.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256
 from lmforge.errors import LmforgeError
+from lmforge.infer.fill_mask import describe as describe_fill_mask
+from lmforge.infer.fill_mask import fill_mask
 from lmforge.infer.generate import generate
 from lmforge.model import build_model
 from lmforge.report import plot_run
 from lmforge.run import CONFIG_FILE, TOKENIZER_FILE, load_run_config
 from lmforge.train.checkpoint import find_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.device import autocast, measured_matmul_flops, resolve_device, synchronize
-from lmforge.train.evaluate import evaluate_loss
+from lmforge.train.evaluate import evaluate
 from lmforge.train.metrics import MetricsWriter
 from lmforge.train.optim import build_optimizer, learning_rate
 
@@ -44,6 +46,7 @@ class TrainResult:
     interrupted_by: Optional[int] = None  # signal number when stopped by SIGINT / SIGTERM
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    val_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class StopRequest:
@@ -117,9 +120,8 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
     seed_everything(tc.seed)
     model = build_model(config.model).to(device)
     optimizer = build_optimizer(model, tc, device)
-    train_loader = CLMLoader(store.split("train"), config.model.block_size, tc.batch_size, tc.seed,
-                             order=tc.windows)
-    val_loader = CLMLoader(store.split("val"), config.model.block_size, tc.batch_size, seed=0, order="sequential")
+    train_loader = loader_for(config, store, "train", training=True)
+    val_loader = loader_for(config, store, "val", training=False)
     state: dict[str, Any] = {"tokens_seen": 0, "bad_steps_total": 0}
     step = 0
     if resume:
@@ -137,7 +139,8 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
     train_model = torch.compile(model) if tc.compile else model
 
     tokens_per_step = tc.batch_size * tc.grad_accum * config.model.block_size
-    flops_per_step = model.flops_per_token(config.model.block_size) * tokens_per_step
+    extra = {"mask_rate": config.mlm.mask_rate} if config.model.family == "bert" else {}
+    flops_per_step = model.flops_per_token(config.model.block_size, **extra) * tokens_per_step
     peak_flops = measured_matmul_flops(device, tc.precision)
     if tc.precision != "fp32" and progress:
         fp32_flops = measured_matmul_flops(device, "fp32")
@@ -174,10 +177,9 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
                 group["lr"] = lr
             loss_sum = 0.0
             for _ in range(tc.grad_accum):
-                x, y = train_loader.next()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = {k: v.to(device, non_blocking=True) for k, v in train_loader.next().items()}
                 with autocast(device, tc.precision):
-                    loss = train_model(x, y).loss / tc.grad_accum
+                    loss = train_model(**batch).loss / tc.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
@@ -214,12 +216,12 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
                 bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
                 window_tokens, window_start = 0, time.perf_counter()
             if step % tc.eval_every == 0 or step == tc.steps:
-                evaluated = evaluate_loss(model, val_loader, tc.eval_batches, device, tc.precision)
+                evaluated = evaluate(model, val_loader, tc.eval_batches, device, tc.precision)
                 row = {"step": step, "tokens": state["tokens_seen"], **row, **evaluated}
                 result.val_loss = evaluated["val_loss"]
+                result.val_metrics = evaluated
                 if progress:
-                    bar.write(f"step {step}: val loss {evaluated['val_loss']:.4f}, "
-                              f"ppl {evaluated['val_ppl']:.2f}", file=sys.stderr)
+                    bar.write(f"step {step}: val {describe_val(evaluated)}", file=sys.stderr)
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if row:
                 metrics.log(row)
@@ -235,14 +237,31 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
     result.step = step
     plot_run(run_dir)
     if result.interrupted_by is None and tc.sample_tokens > 0:
-        result.sample = sample_text(model, load_tokenizer(run_dir / TOKENIZER_FILE), tc.sample_prompt,
-                                    tc.sample_tokens, device, seed=tc.seed)
-        (run_dir / "samples.txt").write_text(result.sample + "\n", encoding="utf-8")
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+        if config.model.family == "bert":
+            if "[MASK]" in tc.sample_prompt:
+                result.sample = tc.sample_prompt + "\n" + describe_fill_mask(
+                    fill_mask(model, tokenizer, tc.sample_prompt, top_k=5, device=device))
+        else:
+            result.sample = sample_text(model, tokenizer, tc.sample_prompt, tc.sample_tokens, device, seed=tc.seed)
+        if result.sample is not None:
+            (run_dir / "samples.txt").write_text(result.sample + "\n", encoding="utf-8")
     result.seconds = time.time() - started
     (run_dir / "summary.json").write_text(json.dumps({
-        "step": result.step, "val_loss": result.val_loss, "seconds": round(result.seconds, 1),
-        "interrupted": result.interrupted_by is not None}, indent=2) + "\n", encoding="utf-8")
+        "step": result.step, "val_loss": result.val_loss, "val": result.val_metrics,
+        "seconds": round(result.seconds, 1), "interrupted": result.interrupted_by is not None},
+        indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def describe_val(metrics: dict[str, float]) -> str:
+    """One line of validation metrics for the progress log."""
+    if "val_mlm_loss" in metrics:
+        text = f"loss {metrics['val_loss']:.4f} (MLM {metrics['val_mlm_loss']:.4f}, acc {metrics['val_mlm_acc']:.1%}"
+        if "val_nsp_acc" in metrics:
+            text += f"; NSP {metrics['val_nsp_loss']:.4f}, acc {metrics['val_nsp_acc']:.1%}"
+        return text + ")"
+    return f"loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}"
 
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,

@@ -1,0 +1,211 @@
+"""BERT's objective: sentence pairs, NSP labels, masking statistics, whole-word masking, the loader."""
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.config import TokenizerConfig
+from lmforge.data.encode import encode_documents
+from lmforge.data.loader import MLMLoader
+from lmforge.data.objectives.mlm import (IGNORE_INDEX, BertVocab, MaskingSpec, SentenceIndex, build_pair,
+                                         mask_tokens, plan_epoch, word_ids)
+from lmforge.data.store import SplitReader
+from lmforge.data.tokenizer import train_tokenizer
+from lmforge.errors import LmforgeError
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu extraordinary unbelievable "
+         "reconstruction photosynthesis the a of and to in is was").split()
+
+
+def _documents(n_docs: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(int(rng.integers(3, 12))):
+            words = rng.choice(WORDS, size=int(rng.integers(4, 20)))
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def bert_data():
+    docs = _documents(400)
+    tokenizer = train_tokenizer(docs, TokenizerConfig(kind="wordpiece", vocab_size=150), family="bert",
+                                show_progress=False)
+    arrays = encode_documents(tokenizer, docs, "bert")
+    starts = np.concatenate([[0], np.cumsum([len(a) for a in arrays])[:-1]]).astype(np.int64)
+    tokens = np.concatenate(arrays).astype(np.uint16)
+    split = SplitReader([tokens], np.asarray([0, len(tokens)]), starts)
+    return tokenizer, BertVocab.from_tokenizer(tokenizer), split
+
+
+def _loader(bert_data, **kwargs) -> MLMLoader:
+    _, vocab, split = bert_data
+    options = dict(seq_len=64, batch_size=16, seed=3, masking=MaskingSpec())
+    options.update(kwargs)
+    return MLMLoader(split, vocab, **options)
+
+
+def test_special_tokens_come_first_with_pad_zero(bert_data):
+    tokenizer, vocab, _ = bert_data
+    assert [tokenizer.id_to_token(i) for i in range(5)] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert vocab.pad == 0 and set(vocab.special) == {0, 1, 2, 3, 4}
+    assert tokenizer.encode("alpha", "bravo").type_ids == [0, 0, 0, 1, 1]  # [CLS] a [SEP] b [SEP]
+
+
+def test_nsp_labels_are_balanced_and_pairs_are_right(bert_data):
+    _, vocab, split = bert_data
+    index = SentenceIndex.build(split, vocab.sep)
+    doc_of = np.searchsorted(index.doc_first, np.arange(index.num_sentences), side="right") - 1
+    labels = []
+    for epoch in range(6):
+        rows, stats = plan_epoch(index, 61, np.random.default_rng([0, epoch]), short_seq_prob=0.1)
+        for a_first, a_end, b_first, b_end, label in rows:
+            assert a_first < a_end and b_first < b_end
+            assert doc_of[a_first] == doc_of[a_end - 1]  # A is consecutive sentences of one document
+            if label == 0:
+                assert b_first == a_end and doc_of[b_end - 1] == doc_of[a_first]  # B is A's continuation
+            else:
+                assert doc_of[b_first] != doc_of[a_first]  # B comes from another document
+        labels.extend(rows[:, 4])
+    assert len(labels) > 2000
+    assert abs(np.mean(labels) - 0.5) < 0.02
+
+
+def test_examples_have_bert_layout(bert_data):
+    loader = _loader(bert_data)
+    vocab = loader.vocab
+    for b in range(5):
+        batch = loader.batch(b)
+        for ids, types, attention, labels in zip(batch["input_ids"], batch["token_type_ids"],
+                                                 batch["attention_mask"], batch["mlm_labels"]):
+            original = torch.where(labels != IGNORE_INDEX, labels, ids)
+            n = int(attention.sum())
+            assert attention[:n].all() and not attention[n:].any()  # real tokens first, then padding
+            assert (original[n:] == vocab.pad).all() and (types[n:] == 0).all()
+            seps = torch.nonzero(original[:n] == vocab.sep).flatten().tolist()
+            assert original[0] == vocab.cls and len(seps) == 2 and seps[1] == n - 1
+            assert seps[0] > 1 and seps[1] > seps[0] + 1  # A and B are both non-empty
+            assert (types[: seps[0] + 1] == 0).all() and (types[seps[0] + 1: n] == 1).all()
+
+
+def test_masking_statistics_match_the_spec(bert_data):
+    loader = _loader(bert_data)
+    vocab = loader.vocab
+    selected = candidates = as_mask = as_random = kept = 0
+    batch_index = 0
+    while candidates < 100_000:
+        batch = loader.batch(batch_index)
+        batch_index += 1
+        ids, labels = batch["input_ids"], batch["mlm_labels"]
+        chosen = labels != IGNORE_INDEX
+        original = torch.where(chosen, labels, ids)
+        special = torch.isin(original, torch.from_numpy(vocab.special))
+        assert not (chosen & special).any()  # special tokens are never selected
+        candidates += int((~special).sum())
+        selected += int(chosen.sum())
+        as_mask += int((ids[chosen] == vocab.mask).sum())
+        kept += int((ids[chosen] == labels[chosen]).sum())
+        as_random += int(((ids[chosen] != vocab.mask) & (ids[chosen] != labels[chosen])).sum())
+    assert abs(selected / candidates - 0.15) < 0.005
+    # a random replacement equals the original 1 time in |vocab| and then counts as kept
+    assert abs(as_mask / selected - 0.8) < 0.01
+    assert abs(as_random / selected - 0.1) < 0.01
+    assert abs(kept / selected - 0.1) < 0.01
+
+
+def test_masking_rate_and_ratios_are_configurable(bert_data):
+    _, vocab, _ = bert_data
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[vocab.cls], rng.integers(5, vocab.vocab_size, 2000), [vocab.sep]])
+    masked, labels = mask_tokens(ids, np.zeros_like(ids), vocab, MaskingSpec(0.4, 1.0, 0.0), rng, vocab.random_pool)
+    chosen = labels != IGNORE_INDEX
+    assert abs(chosen.mean() - 0.4) < 0.01 and (masked[chosen] == vocab.mask).all()
+    assert (masked[~chosen] == ids[~chosen]).all()
+
+
+def test_whole_word_masking_never_splits_a_word(bert_data):
+    loader = _loader(bert_data, masking=MaskingSpec(whole_word=True))
+    vocab = loader.vocab
+    assert vocab.continues_word is not None and vocab.continues_word.any()
+    split_words = whole_words_seen = 0
+    selected = candidates = 0
+    for b in range(20):
+        batch = loader.batch(b)
+        for ids, types, labels in zip(batch["input_ids"].numpy(), batch["token_type_ids"].numpy(),
+                                      batch["mlm_labels"].numpy()):
+            original = np.where(labels != IGNORE_INDEX, labels, ids)
+            cand = np.flatnonzero(~np.isin(original, vocab.special))
+            words = word_ids(original, types, cand, vocab)
+            chosen = labels[cand] != IGNORE_INDEX
+            for w in np.unique(words[chosen]):
+                members = chosen[words == w]
+                split_words += int(not members.all())
+                whole_words_seen += int(len(members) > 1)
+            selected += int(chosen.sum())
+            candidates += len(cand)
+    assert split_words == 0
+    assert whole_words_seen > 50  # multi-piece words were masked, whole
+    assert 0.14 < selected / candidates <= 0.155
+
+
+def test_loader_is_deterministic_resumable_and_rank_sharded(bert_data):
+    a, b = _loader(bert_data), _loader(bert_data)
+    for _ in range(3):
+        x, y = a.next(), b.next()
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    state = a.state_dict()
+    expected = [a.next() for _ in range(2)]
+    fresh = _loader(bert_data)
+    fresh.load_state_dict(state)
+    for batch in expected:
+        got = fresh.next()
+        assert all(torch.equal(batch[k], got[k]) for k in batch)
+    single = _loader(bert_data, batch_size=8)
+    ranks = [_loader(bert_data, batch_size=4, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        whole = single.next()
+        parts = [r.next() for r in ranks]
+        assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
+
+
+def test_masks_are_drawn_afresh_each_epoch_but_evaluation_is_fixed(bert_data):
+    train = _loader(bert_data, batch_size=4)
+    per_epoch = train.examples_per_epoch
+    first, later = train.example(0), train.example(per_epoch)  # position 0 of epochs 0 and 1
+    assert not np.array_equal(first[3], later[3])
+    fixed = _loader(bert_data, batch_size=4, shuffle=False, seed=0)
+    assert all(np.array_equal(p, q) for p, q in zip(fixed.example(5), fixed.example(5 + fixed.examples_per_epoch)))
+
+
+def test_bad_inputs_give_clear_errors(bert_data):
+    tokenizer, vocab, split = bert_data
+    with pytest.raises(LmforgeError, match="block_size=4"):
+        _loader(bert_data, seq_len=4)
+    # a corpus of one-sentence documents cannot form actual-next pairs
+    arrays = encode_documents(tokenizer, ["Alpha bravo charlie."] * 2, "bert")
+    starts = np.asarray([0, len(arrays[0])], dtype=np.int64)
+    one_sentence = SplitReader([np.concatenate(arrays)], np.asarray([0, sum(map(len, arrays))]), starts)
+    index = SentenceIndex.build(one_sentence, vocab.sep)
+    rows, stats = plan_epoch(index, 20, np.random.default_rng(0), 0.0)
+    assert (rows[:, 4] == 1).all() and stats.skipped_single_sentence > 0
+    # a single document cannot give random partners
+    single_doc = SplitReader([np.concatenate(arrays)], np.asarray([0, sum(map(len, arrays))]), starts[:1])
+    with pytest.raises(LmforgeError, match="at least 2 documents"):
+        plan_epoch(SentenceIndex.build(single_doc, vocab.sep), 20, np.random.default_rng(0), 0.0)
+    # without NSP a single document is fine: segments only, no NSP label
+    rows, _ = plan_epoch(SentenceIndex.build(single_doc, vocab.sep), 20, np.random.default_rng(0), 0.0,
+                         next_sentence=False)
+    assert len(rows) and (rows[:, 4] == IGNORE_INDEX).all()
+
+
+def test_build_pair_truncates_the_longer_segment():
+    vocab = BertVocab(cls=2, sep=3, pad=0, mask=4, vocab_size=100, special=np.arange(5), continues_word=None)
+    a, b = np.arange(10, 60), np.arange(60, 70)
+    ids, types, attention = build_pair(a, b, 32, vocab, np.random.default_rng(0))
+    assert attention.all() and ids[0] == 2 and (ids == 3).sum() == 2
+    b_kept = ids[types == 1][:-1]
+    assert np.array_equal(b_kept, b)  # the shorter segment is untouched
