@@ -60,8 +60,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     if result.sample is not None:
         print("\n--- sample " + "-" * 60 + f"\n{result.sample}\n" + "-" * 71)
-    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    print(f"validation loss: {val}  (step {result.step}, {result.seconds:.0f}s)")
+    if "val_mlm_loss" in result.val_metrics:
+        shown = describe_metrics({k.removeprefix("val_"): v for k, v in result.val_metrics.items()})
+        print(f"validation: {shown}  (step {result.step}, {result.seconds:.0f}s)")
+    else:
+        val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+        print(f"validation loss: {val}  (step {result.step}, {result.seconds:.0f}s)")
     print(f"run directory: {run_dir}  (loss curve: {run_dir / 'plots' / 'loss.png'})")
     return 0
 
@@ -134,6 +138,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fill_mask(args: argparse.Namespace) -> int:
+    from lmforge.infer.fill_mask import describe, fill_mask
+    from lmforge.run import load_run
+    from lmforge.train.device import resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run, args.checkpoint, device)
+    if run.config.model.family != "bert":
+        raise LmforgeError(f"fill-mask needs a masked-LM (bert) run; {args.run} is a {run.config.model.family} run"
+                           f" (try: lmforge generate)")
+    results = fill_mask(run.model, run.tokenizer, args.text, top_k=args.top_k, device=device)
+    if args.json:
+        print(json.dumps([[{"token": c.token, "probability": c.probability, "sequence": c.sequence} for c in slot]
+                          for slot in results]))
+    else:
+        print(describe(results))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lmforge.report import plot_run, summarize
 
@@ -162,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its newest complete checkpoint")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("evaluate", help="validation loss and perplexity of a run's checkpoint")
+    p = sub.add_parser("evaluate", help="validation metrics of a run's checkpoint (loss, perplexity / MLM, NSP)")
     _add_run_args(p)
     p.add_argument("--split", default="val")
     p.add_argument("--batches", type=int, help="batches to evaluate (default: train.eval_batches)")
@@ -179,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fill-mask", help="top-k predictions for each [MASK] in a text (bert runs)")
+    _add_run_args(p)
+    p.add_argument("text", help='e.g. "The capital of France is [MASK]."')
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_fill_mask)
 
     p = sub.add_parser("report", help="plots and a summary of a run")
     p.add_argument("run")
