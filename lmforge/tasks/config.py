@@ -1,0 +1,158 @@
+"""TaskConfig: where a labeled task's files are and how to read them; the GLUE layouts by name.
+
+A task is a directory holding `train.{tsv,csv,jsonl}` and `dev.{...}`, optionally with a
+`task.yaml` of TaskConfig keys. The GLUE folders (CoLA, SST-2, MRPC, STS-B, WNLI) need no
+task.yaml: their layout is known here and recognised by the folder's name, or asked for by name
+(`cola`, `sst-2`, ...) under a GLUE root directory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+from lmforge.config import apply_overrides, from_dict, read_yaml
+from lmforge.errors import LmforgeError
+from lmforge.tasks.metrics import check_metric_names, selection_metric
+
+DEFAULT_GLUE_ROOT = "../shared/data/glue"  # relative to the working directory, as the shipped recipes' corpora
+TASK_YAML = "task.yaml"
+
+Column = Union[int, str]  # a header name, or a 0-based field index
+
+
+@dataclass
+class TaskConfig:
+    name: str = "task"
+    path: str = ""  # the task directory
+    kind: Literal["classification", "regression"] = "classification"
+    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"  # auto: from each file's suffix
+    header: bool = True  # tsv/csv: the first row names the columns
+    text: Column = "text"
+    text_pair: Optional[Column] = None  # the second sentence of pair tasks; None: single-sentence
+    label: Column = "label"
+    # The label set, in class-index order. None: the labels seen in train, sorted (numerically when all are integers).
+    labels: Optional[list[str]] = None
+    positive_label: Optional[str] = None  # the class binary F1 scores; None: "1" if a label is "1", else the second
+    metrics: Optional[list[str]] = None  # None: accuracy (classification) or spearman, pearson (regression)
+    select_metric: Optional[str] = None  # the dev metric that picks the best checkpoint; None: the first of metrics
+    train_file: Optional[str] = None  # relative to path; None: train.tsv, train.csv or train.jsonl
+    dev_file: Optional[str] = None
+    encoding: str = "utf-8"  # a UTF-8 byte-order mark is dropped either way
+
+    def validate(self, prefix: str = "task") -> "TaskConfig":
+        if not Path(self.path).is_dir():
+            raise LmforgeError(f"{prefix}.path must be the task directory, got {self.path!r}")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise LmforgeError(f"{prefix}.encoding: unknown encoding {self.encoding!r}") from None
+        if self.metrics is None:
+            self.metrics = ["accuracy"] if self.kind == "classification" else ["spearman", "pearson"]
+        try:
+            check_metric_names(self.metrics, self.kind, len(self.labels) if self.labels is not None else None)
+        except LmforgeError as err:
+            raise LmforgeError(f"{prefix}.metrics: {err}") from None
+        try:
+            self.select_metric = selection_metric(self.metrics, self.select_metric)
+        except LmforgeError as err:
+            raise LmforgeError(f"{prefix}.select_metric: {err}") from None
+        if self.kind == "regression":
+            for key in ("labels", "positive_label"):
+                if getattr(self, key) is not None:
+                    raise LmforgeError(f"{prefix}.{key} does not apply to a regression task")
+        if self.labels is not None:
+            if len(self.labels) < 2:
+                raise LmforgeError(f"{prefix}.labels must list at least two labels, got {self.labels}")
+            if len(set(self.labels)) != len(self.labels):
+                raise LmforgeError(f"{prefix}.labels lists a label twice: {self.labels}")
+            if self.positive_label is not None and self.positive_label not in self.labels:
+                raise LmforgeError(f"{prefix}.positive_label {self.positive_label!r} is not in {prefix}.labels "
+                                   f"{self.labels}")
+        columns = [(k, getattr(self, k)) for k in ("text", "text_pair", "label") if getattr(self, k) is not None]
+        for key, column in columns:
+            if isinstance(column, int) and column < 0:
+                raise LmforgeError(f"{prefix}.{key} must be a column name or an index >= 0, got {column}")
+            if self.format == "jsonl" and isinstance(column, int):
+                raise LmforgeError(f"{prefix}.{key}: JSONL fields are named, got the index {column}")
+            if self.format in ("tsv", "csv") and not self.header and isinstance(column, str):
+                raise LmforgeError(f"{prefix}.{key}: a file without a header row needs a column index, "
+                                   f"got the name {column!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Canonical name -> (folder name in the GLUE distribution, TaskConfig keys). Layouts as in
+# ../shared/data/glue/PROVENANCE.md; metrics as GLUE reports them, the first being the one to select on.
+GLUE_TASKS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cola": ("CoLA", dict(format="tsv", header=False, text=3, label=1, labels=["0", "1"], metrics=["mcc"])),
+    "sst2": ("SST-2", dict(format="tsv", text="sentence", label="label", labels=["0", "1"],
+                           metrics=["accuracy"])),
+    "mrpc": ("MRPC", dict(format="tsv", text="#1 String", text_pair="#2 String", label="Quality",
+                          labels=["0", "1"], positive_label="1", metrics=["f1", "accuracy"])),
+    "stsb": ("STS-B", dict(kind="regression", format="tsv", text="sentence1", text_pair="sentence2",
+                           label="score", metrics=["spearman", "pearson"])),
+    "wnli": ("WNLI", dict(format="tsv", text="sentence1", text_pair="sentence2", label="label",
+                          labels=["0", "1"], metrics=["accuracy"])),
+}
+
+
+def label_text(value: Any) -> str:
+    """A label as text, alike from a TSV field, a JSON value or YAML: 1 and 1.0 -> '1', true -> 'true'."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def glue_name(name: str) -> Optional[str]:
+    """'SST-2', 'sst2', 'sst_2' -> 'sst2'; None for a name that is not a GLUE task known here."""
+    key = name.lower().replace("-", "").replace("_", "")
+    return key if key in GLUE_TASKS else None
+
+
+def _locate(task: str, data_root: Optional[str | os.PathLike]) -> tuple[Path, Optional[str]]:
+    """The task directory and, when it is a GLUE task, its canonical name."""
+    path = Path(task).expanduser()
+    if path.is_dir():
+        return path.resolve(), glue_name(path.name)
+    name = glue_name(task)
+    if name is None:
+        known = ", ".join(folder for folder, _ in GLUE_TASKS.values())
+        raise LmforgeError(f"task {task!r} is neither a directory nor a GLUE task name (known: {known})")
+    root = Path(data_root if data_root is not None else DEFAULT_GLUE_ROOT).expanduser()
+    folder = root / GLUE_TASKS[name][0]
+    if not folder.is_dir():
+        raise LmforgeError(f"GLUE task {task!r}: no directory {folder} (give the task directory, or the GLUE root)")
+    return folder.resolve(), name
+
+
+def resolve_task_config(task: str | os.PathLike, data_root: Optional[str | os.PathLike] = None,
+                        overrides: Sequence[str] = ()) -> TaskConfig:
+    """TaskConfig for a task directory or GLUE name: the GLUE layout, then task.yaml, then `key=value` overrides."""
+    folder, name = _locate(str(task), data_root)
+    data: dict[str, Any] = {"name": name or folder.name}
+    if name is not None:
+        data.update(GLUE_TASKS[name][1])
+    yaml_path = folder / TASK_YAML
+    if yaml_path.is_file():
+        data.update(read_yaml(yaml_path))
+    data["path"] = str(folder)
+    apply_overrides(data, list(overrides))
+    # YAML reads `labels: [0, 1]` as integers; labels are compared as the strings in the files.
+    if isinstance(data.get("labels"), list):
+        data["labels"] = [label_text(v) for v in data["labels"]]
+    if data.get("positive_label") is not None:
+        data["positive_label"] = label_text(data["positive_label"])
+    where = str(yaml_path) if yaml_path.is_file() else str(folder)
+    try:
+        return from_dict(TaskConfig, data).validate()
+    except LmforgeError as err:
+        raise LmforgeError(f"{where}: {err}") from None
