@@ -33,7 +33,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from lmforge.data.store import TokenStore
 
     config = load_config(args.config, args.overrides)
-    path = prepare(config.data, config.model.family, out=args.out)
+    if args.workers is not None and args.workers < 0:
+        raise LmforgeError(f"--workers must be >= 0 (0 = one per CPU core), got {args.workers}")
+    path = prepare(config.data, config.model.family, out=args.out, workers=args.workers)
     manifest = TokenStore(path).manifest
     splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
     print(f"token store: {path} (vocab {manifest['vocab_size']:,}; {splits})")
@@ -158,13 +160,17 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lmforge.report import plot_run, summarize
+    from lmforge.report import plot_run, plot_store, summarize, summarize_store
 
     run_dir = Path(args.run)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise LmforgeError(f"{run_dir} has no metrics.jsonl: not an lmforge run directory")
-    written = plot_run(run_dir)
-    print(summarize(run_dir))
+    if (run_dir / "manifest.json").is_file():  # a token store
+        written = plot_store(run_dir)
+        print(summarize_store(run_dir))
+    elif not (run_dir / "metrics.jsonl").is_file():
+        raise LmforgeError(f"{run_dir} has no metrics.jsonl (a run) or manifest.json (a token store)")
+    else:
+        written = plot_run(run_dir)
+        print(summarize(run_dir))
     for path in written:
         print(f"plot: {path}")
     return 0
@@ -177,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="corpus -> tokenizer -> token store")
     _add_config_args(p)
     p.add_argument("--out", help="store directory (default: data.store, or a cache directory)")
+    p.add_argument("--workers", type=int, help="tokenizer and curation processes (default: data.workers; "
+                   "0 = one per core); the store is the same for any number")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("pretrain", help="pretrain a model (no arguments: the built-in default)")
@@ -210,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_fill_mask)
 
-    p = sub.add_parser("report", help="plots and a summary of a run")
-    p.add_argument("run")
+    p = sub.add_parser("report", help="plots and a summary of a run, or of a token store (curation)")
+    p.add_argument("run", help="run directory or token store directory")
     p.set_defaults(func=cmd_report)
     return parser
 

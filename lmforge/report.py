@@ -1,4 +1,4 @@
-"""Plots and summaries of a run: loss curves (train and validation), learning rate, throughput."""
+"""Plots and summaries of a run (loss curves, learning rate, throughput) and of a token store (curation)."""
 
 from __future__ import annotations
 
@@ -71,3 +71,60 @@ def summarize(run_dir: Path) -> str:
         best = min(val, key=lambda r: r["val_loss"])
         lines.append(f"final val loss: {val[-1]['val_loss']:.4f} (best {best['val_loss']:.4f} at step {best['step']})")
     return "\n".join(lines)
+
+
+def summarize_store(store_dir: Path) -> str:
+    """A token store's splits, its corpus, and what each curation step removed, as a table."""
+    from lmforge.data.store import TokenStore
+
+    manifest = TokenStore(store_dir).manifest
+    corpus = manifest.get("corpus", {})
+    lines = [f"token store: {store_dir}",
+             f"corpus: {corpus.get('documents', 0):,} documents, {corpus.get('bytes', 0) / 1e6:,.1f} MB from "
+             f"{corpus.get('files', 0):,} files ({len(corpus.get('skipped_files', []))} skipped)"]
+    for name, info in manifest["splits"].items():
+        lines.append(f"{name}: {info['tokens']:,} tokens, {info['documents']:,} documents, "
+                     f"{len(info['shards'])} shards")
+    steps = (manifest.get("curation") or {}).get("steps", [])
+    if not steps:
+        lines.append("curation: none")
+        return "\n".join(lines)
+    first = steps[0]
+    header = f"{'step':<20} {'docs removed':>13} {'%':>6} {'MB removed':>11} {'%':>6} {'docs left':>11} {'MB left':>9}"
+    lines += ["curation:", header, "-" * len(header)]
+    for step in steps:
+        docs, size = step.get("removed_documents", 0), step.get("removed_bytes", 0)
+        lines.append(f"{step['step']:<20} {docs:>13,} {_percent(docs, first['documents']):>6} "
+                     f"{size / 1e6:>11,.2f} {_percent(size, first['bytes']):>6} "
+                     f"{step['documents']:>11,} {step['bytes'] / 1e6:>9,.2f}")
+    return "\n".join(lines)
+
+
+def _percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}" if whole else "-"
+
+
+def plot_store(store_dir: Path) -> list[Path]:
+    """plots/curation.png: documents and bytes removed by each curation step (nothing without curation)."""
+    from lmforge.data.store import TokenStore
+
+    steps = (TokenStore(store_dir).manifest.get("curation") or {}).get("steps", [])[1:]
+    if not steps:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = store_dir / "plots"
+    out.mkdir(exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    names = [s["step"] for s in steps]
+    for ax, key, label in ((axes[0], "removed_documents", "documents removed"),
+                           (axes[1], "removed_bytes", "MB removed")):
+        values = [s[key] / (1e6 if key == "removed_bytes" else 1) for s in steps]
+        ax.barh(names[::-1], values[::-1], color="tab:red")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"curation of {store_dir.name}")
+    return [_save(fig, out / "curation.png")]

@@ -1,7 +1,8 @@
 """Stream Documents from text files, directories and globs, in constant memory.
 
 Formats: plain text (.txt and anything else that decodes) and JSON lines (.jsonl / .json), each
-optionally compressed (.gz, .bz2, .xz). Bad input is counted and reported, never a traceback.
+optionally compressed (.gz, .bz2, .xz), and parquet (a text column, read one row group at a time).
+Bad input is counted and reported, never a traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lmforge.errors import LmforgeError
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+_PARQUET_SUFFIXES = {".parquet", ".pq"}
 _SKIP_SUFFIXES = {".md", ".yaml", ".yml", ".py", ".pyc"}  # metadata next to corpora, not corpus text
 
 
@@ -96,6 +98,13 @@ def _looks_binary(path: Path) -> bool:
     return b"\x00" in head
 
 
+def _kind(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = _plain_suffix(path)
+    return "jsonl" if suffix in _JSONL_SUFFIXES else "parquet" if suffix in _PARQUET_SUFFIXES else "txt"
+
+
 def iter_documents(
     patterns: list[str],
     fmt: str = "auto",
@@ -118,10 +127,13 @@ def _skip(stats: CorpusStats, path: Path, why: str) -> None:
 def _iter_file(path: Path, fmt: str, text_field: str, txt_documents: str, encoding_errors: str,
                stats: CorpusStats) -> Iterator[Document]:
     try:
+        kind = _kind(path, fmt)
+        if kind == "parquet":
+            yield from _iter_parquet(path, text_field, stats)
+            return
         if _looks_binary(path):
             _skip(stats, path, "binary file")
             return
-        kind = fmt if fmt != "auto" else ("jsonl" if _plain_suffix(path) in _JSONL_SUFFIXES else "txt")
         with _open_binary(path) as raw:
             data = raw.read() if kind == "txt" and txt_documents == "file" else None
             if data is not None:
@@ -132,6 +144,30 @@ def _iter_file(path: Path, fmt: str, text_field: str, txt_documents: str, encodi
         _skip(stats, path, f"unreadable: {exc}")
     finally:
         stats.files += 1
+
+
+def _iter_parquet(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        if column not in schema.names:
+            raise LmforgeError(f"{path}: no column {column!r} (found: {', '.join(schema.names)}); set data.text_field")
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise LmforgeError(f"{path}: column {column!r} holds {kind}, not text; set data.text_field")
+        row = 0
+        for group in range(parquet.num_row_groups):  # one row group in memory at a time
+            for value in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
+                row += 1
+                if value is None:
+                    stats.empty_documents += 1
+                else:
+                    yield from _emit(value, f"{path}:row {row}", stats)
+    except pa.ArrowException as exc:
+        _skip(stats, path, f"not a readable parquet file: {exc}")
 
 
 def _decode(data: bytes, encoding_errors: str) -> tuple[str | None, bool]:

@@ -1,27 +1,40 @@
-"""`lmforge prepare`: corpus -> tokenizer -> token store, built under a temporary name and renamed when whole."""
+"""`lmforge prepare`: corpus -> (curation) -> tokenizer -> token store, built under `NAME.partial` and renamed
+when whole.
+
+Resumable: `NAME.partial/progress.json` lists every finished shard with its sha256 and the position in the
+document stream after it; a re-run keeps the shards that verify and encodes from there. Documents are
+encoded by `workers` processes but shards are written by this one, in stream order, so the store is the
+same byte for byte for any number of workers and any number of interruptions.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 from tqdm import tqdm
 
 from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
-from lmforge.data.store import SplitWriter, TokenStore, dtype_for_vocab, move_tail, write_manifest
+from lmforge.data.store import (SplitWriter, TokenStore, dtype_for_vocab, move_tail, shard_is_intact, write_atomic,
+                                write_manifest)
 from lmforge.data.encode import boundary_token, encode_documents
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
-ENCODE_BATCH_BYTES = 4 << 20  # hand the Rust tokenizer this much text at a time; it parallelises inside
+ENCODE_BATCH_BYTES = 1 << 20  # text per encoding task (a worker's unit of work)
+PROGRESS = "progress.json"
 
 
 def cache_dir() -> Path:
@@ -32,7 +45,7 @@ def data_fingerprint(config: DataConfig, family: str) -> str:
     """Hash of everything that determines the store's content: the data config and the input files."""
     files = resolve_corpus_files(config.corpus)
     described = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "store"}
+    settings = _content_settings(config)
     if config.tokenizer.path:
         if not Path(config.tokenizer.path).is_file():
             raise LmforgeError(f"data.tokenizer.path: file not found: {config.tokenizer.path}")
@@ -41,27 +54,28 @@ def data_fingerprint(config: DataConfig, family: str) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _content_settings(config: DataConfig) -> dict:
+    """The data settings that decide what the store holds (not where it goes, nor how many workers build it)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("store", "workers")}
+
+
+def resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
 def is_validation(text: str, val_fraction: float) -> bool:
     """A document's split depends only on its text, so it never changes with file order or workers."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def _batches(docs: Iterator[Document], max_bytes: int) -> Iterator[list[Document]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc.text)
-        if size >= max_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = None,
-            progress: bool = True) -> Path:
-    """Build (or reuse) the token store for `config` and return its directory."""
+            progress: bool = True, workers: int | None = None) -> Path:
+    """Build (or reuse, or finish an interrupted build of) the token store for `config`; return its directory.
+
+    workers: encoding (and curation) processes; default data.workers. The store does not depend on it.
+    """
+    workers = resolve_workers(config.workers if workers is None else workers)
     fingerprint = data_fingerprint(config, family)
     target = Path(out or config.store or cache_dir() / "stores" / fingerprint[:20])
     if (target / "manifest.json").is_file():
@@ -76,60 +90,207 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
         raise LmforgeError(f"{target} exists and is not a token store; refusing to write into it")
 
     partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        manifest = _build(config, family, partial, progress)
-        manifest["fingerprint"] = fingerprint
-        write_manifest(partial, manifest)
-        if target.exists():
-            target.rmdir()
-        os.replace(partial, target)
-    except BaseException:
+    state = _read_progress(partial, fingerprint)
+    if state is None:
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        state = {"fingerprint": fingerprint}
+    elif progress:
+        print(f"resuming the interrupted prepare in {partial}", file=sys.stderr)
+    try:
+        manifest = _build(config, family, partial, state, workers, progress)
+    except KeyboardInterrupt:
+        print(f"prepare interrupted; the same command resumes from {partial}", file=sys.stderr)
         raise
+    manifest["fingerprint"] = fingerprint
+    write_manifest(partial, manifest)
+    (partial / PROGRESS).unlink()
+    shutil.rmtree(partial / "curate", ignore_errors=True)
+    if target.exists():
+        target.rmdir()
+    os.replace(partial, target)
     return target
 
 
-def _build(config: DataConfig, family: str, root: Path, progress: bool) -> dict:
+def _read_progress(partial: Path, fingerprint: str) -> dict | None:
+    """The progress record of an interrupted build of this very store, or None."""
+    try:
+        state = json.loads((partial / PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("fingerprint") == fingerprint else None
+
+
+def _save_progress(root: Path, state: dict) -> None:
+    write_atomic(root / PROGRESS, json.dumps(state, indent=1).encode("utf-8"))
+
+
+def _verified_shards(root: Path, split: str, entries: list[dict], dtype: np.dtype) -> list[dict]:
+    """The finished shards of an interrupted run that are still intact (a prefix); stray files go."""
+    kept: list[dict] = []
+    for entry in entries:
+        if entry.get("end_document", -1) < 0 or not shard_is_intact(root, entry, dtype):
+            break
+        kept.append(entry)
+    names = {name for entry in kept for name in (entry["bin"], entry["idx"])}
+    for path in (root / split).glob("shard-*"):
+        if f"{split}/{path.name}" not in names:
+            path.unlink()
+    return kept
+
+
+# --- encoding workers ---------------------------------------------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_json: str, family: str, dtype: str) -> None:
+    from tokenizers import Tokenizer
+
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), family=family, dtype=np.dtype(dtype))
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` back to back, and each text's length in tokens."""
+    arrays = encode_documents(_worker["tokenizer"], texts, _worker["family"])
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    return tokens.astype(_worker["dtype"]), lengths
+
+
+class _Encoder:
+    """Encodes batches in order: in this process (workers=1) or in a pool, at most 2 batches per worker
+    in flight, so memory does not grow with the corpus."""
+
+    def __init__(self, tokenizer, family: str, dtype: np.dtype, workers: int):
+        self.workers = workers
+        self.pending: deque = deque()
+        self.pool = None
+        args = (tokenizer.to_str(), family, dtype.name)
+        if workers == 1:
+            _init_worker(*args)
+            return
+        # Each worker is one core's worth of work; the Rust tokenizer's own threads would only oversubscribe.
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            self.pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, args)
+        finally:
+            if saved is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+    def submit(self, texts: list[str], meta) -> Iterator[tuple]:
+        """Queue a batch; yield (meta, tokens, lengths) of batches finished in submission order."""
+        if self.pool is None:
+            yield (meta, *_encode(texts))
+            return
+        self.pending.append((meta, self.pool.apply_async(_encode, (texts,))))
+        while len(self.pending) > 2 * self.workers:
+            meta, result = self.pending.popleft()
+            yield (meta, *result.get())
+
+    def drain(self) -> Iterator[tuple]:
+        while self.pending:
+            meta, result = self.pending.popleft()
+            yield (meta, *result.get())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _build(config: DataConfig, family: str, root: Path, state: dict, workers: int, progress: bool) -> dict:
     started = time.time()
+    curated = None
+    if config.curate.enabled:
+        from lmforge.data.curate import curate
+
+        curated = curate(config, root / "curate", workers, progress)
+        sources, fmt, corpus = [str(p) for p in curated.files], "jsonl", curated.corpus
+        if corpus["documents"] and not any(p.stat().st_size for p in curated.files):
+            raise LmforgeError(f"curation removed every one of the {corpus['documents']:,} documents "
+                               f"(see {root / 'curate' / 'logs'}); relax data.curate")
+    else:
+        sources, fmt, corpus = config.corpus, config.format, None
 
     def documents(stats: CorpusStats | None = None) -> Iterator[Document]:
-        return iter_documents(config.corpus, config.format, config.text_field, config.txt_documents,
+        if curated is not None and not sources:
+            return iter(())
+        return iter_documents(sources, fmt, "text" if curated else config.text_field, config.txt_documents,
                               config.encoding_errors, stats)
 
     by_document = config.split.by == "document"
-    if config.tokenizer.path:
-        tokenizer = load_tokenizer(config.tokenizer.path)
-    else:
-        if progress:
-            print(f"training a {config.tokenizer.kind} tokenizer ...", file=sys.stderr)
-        train_texts = (d.text for d in documents()
-                       if not (by_document and is_validation(d.text, config.split.val_fraction)))
-        tokenizer = train_tokenizer(train_texts, config.tokenizer, family, show_progress=progress)
+    tokenizer = _tokenizer(config, family, root, state, documents, progress)
     boundary = boundary_token(tokenizer, family)
     vocab_size = tokenizer.get_vocab_size()
     dtype = dtype_for_vocab(vocab_size)
-    tokenizer.save(str(root / "tokenizer.json"))
+
+    def record(_entry: dict) -> None:
+        state["splits"] = {name: w.shards for name, w in writers.items()}
+        _save_progress(root, state)
+
+    done = state.get("splits", {})
+    writers = {name: SplitWriter(root, name, dtype, config.shard_tokens,
+                                 _verified_shards(root, name, done.get(name, []), dtype), on_shard=record)
+               for name in ("train", "val")}
+    resumed = sum(len(w.shards) for w in writers.values())
+    if not by_document:  # the tail is moved to val at the end; shards from a move cut short are redone
+        writers["val"] = SplitWriter(root, "val", dtype, config.shard_tokens, _verified_shards(root, "val", [], dtype))
+    skip_until = {name: w.next_document for name, w in writers.items()} if by_document else \
+        {"train": writers["train"].next_document, "val": 1 << 62}
+    if progress and resumed:
+        print(f"kept {resumed} finished shards; encoding from document "
+              f"{min(skip_until.values()):,}", file=sys.stderr)
 
     stats = CorpusStats()
-    writers = {name: SplitWriter(root, name, dtype, config.shard_tokens) for name in ("train", "val")}
-    total_bytes = sum(p.stat().st_size for p in resolve_corpus_files(config.corpus))
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    for batch in _batches(documents(stats), ENCODE_BATCH_BYTES):
-        for doc, ids in zip(batch, encode_documents(tokenizer, [d.text for d in batch], family)):
-            if len(ids) == 0:
-                continue
-            split = "val" if by_document and is_validation(doc.text, config.split.val_fraction) else "train"
-            writers[split].add(ids)
-        bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
-        bar.set_postfix(docs=stats.documents)
-    bar.close()
+    total_bytes = sum(p.stat().st_size for p in resolve_corpus_files(sources)) if sources else 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} worker"
+               f"{'s' if workers > 1 else ''})", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    encoder = _Encoder(tokenizer, family, dtype, workers)
+    encoded_bytes = 0
+
+    def write(meta, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        indices, to_val = meta
+        for name, mask in (("train", ~to_val), ("val", to_val)):
+            keep = mask & (lengths > 0)
+            if keep.any():
+                writers[name].add_many(tokens[np.repeat(keep, lengths)], lengths[keep], indices[keep])
+
+    try:
+        texts, indices, to_val, size = [], [], [], 0
+        for index, doc in enumerate(documents(stats)):
+            val = by_document and is_validation(doc.text, config.split.val_fraction)
+            if index >= skip_until["val" if val else "train"]:
+                texts.append(doc.text)
+                indices.append(index)
+                to_val.append(val)
+                size += len(doc.text)
+            if size >= ENCODE_BATCH_BYTES:
+                encoded_bytes += size
+                for done_batch in encoder.submit(texts, (np.asarray(indices), np.asarray(to_val, dtype=bool))):
+                    write(*done_batch)
+                texts, indices, to_val, size = [], [], [], 0
+            bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
+            if index % 1000 == 0:
+                bar.set_postfix(docs=f"{stats.documents:,}", refresh=False)
+        if texts:
+            encoded_bytes += size
+            for done_batch in encoder.submit(texts, (np.asarray(indices), np.asarray(to_val, dtype=bool))):
+                write(*done_batch)
+        for done_batch in encoder.drain():
+            write(*done_batch)
+    finally:
+        encoder.close()
+        bar.set_postfix(docs=f"{stats.documents:,}")
+        bar.close()
     if stats.documents == 0:
         raise LmforgeError(f"the corpus {config.corpus} has no text (every file was empty or skipped)")
     writers["train"].flush()
     if not by_document:
+        for writer in writers.values():
+            writer.on_shard = None  # progress.json keeps the state before the move
         train_tokens = sum(s["tokens"] for s in writers["train"].shards)
         move_tail(writers["train"], writers["val"], int(round(train_tokens * config.split.val_fraction)))
     writers["val"].flush()
@@ -140,6 +301,7 @@ def _build(config: DataConfig, family: str, root: Path, progress: bool) -> dict:
             hint = ("; with few documents use data.split.by=tail" if by_document else "")
             raise LmforgeError(f"the {name} split is empty ({stats.documents} documents, "
                                f"val_fraction={config.split.val_fraction}){hint}")
+    seconds = round(time.time() - started, 2)
     manifest = {
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": vocab_size,
@@ -149,13 +311,44 @@ def _build(config: DataConfig, family: str, root: Path, progress: bool) -> dict:
         "dtype": dtype.name,
         "family": family,
         "splits": splits,
-        "corpus": {"inputs": config.corpus, **stats.to_dict()},
-        "data_config": dataclasses.asdict(config),
-        "seconds": round(time.time() - started, 2),
+        "corpus": {"inputs": config.corpus, **(corpus if corpus is not None else stats.to_dict())},
+        "curation": ({"config": dataclasses.asdict(config.curate), "steps": curated.steps,
+                      "documents_kept": stats.documents, "bytes_kept": stats.bytes} if curated else None),
+        "data_config": _content_settings(config),
+        # how this build went: the only part that differs between runs that built the same store
+        "build": {"seconds": seconds, "workers": workers, "resumed_shards": resumed,
+                  "curation_seconds": curated.seconds if curated else 0.0},
     }
     if progress:
         parts = ", ".join(f"{n}: {i['tokens']:,} tokens / {i['documents']:,} docs" for n, i in splits.items())
-        skipped = f", {len(stats.skipped_files)} files skipped" if stats.skipped_files else ""
-        print(f"prepared {stats.documents:,} documents ({stats.bytes / 1e6:.1f} MB{skipped}) -> {parts} "
-              f"in {manifest['seconds']:.1f}s", file=sys.stderr)
+        source = corpus if corpus is not None else stats.to_dict()
+        skipped = f", {len(source['skipped_files'])} files skipped" if source["skipped_files"] else ""
+        kept = (f"; curation kept {stats.documents:,} documents ({stats.bytes / 1e6:.1f} MB)" if curated else "")
+        rate = encoded_bytes / 1e6 / max(seconds - (curated.seconds if curated else 0.0), 1e-9)
+        print(f"prepared {source['documents']:,} documents ({source['bytes'] / 1e6:.1f} MB{skipped}{kept}) -> "
+              f"{parts} in {seconds:.1f}s ({rate:.1f} MB/s tokenizing, {workers} worker"
+              f"{'s' if workers > 1 else ''})", file=sys.stderr)
     return manifest
+
+
+def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documents, progress: bool):
+    """The store's tokenizer: the one an interrupted run already saved, a given one, or trained now."""
+    saved = root / "tokenizer.json"
+    if state.get("tokenizer_sha256") and saved.is_file():
+        tokenizer = load_tokenizer(saved)
+        if tokenizer_sha256(tokenizer) == state["tokenizer_sha256"]:
+            return tokenizer
+    state.pop("splits", None)  # shards encoded by another tokenizer are worthless
+    if config.tokenizer.path:
+        tokenizer = load_tokenizer(config.tokenizer.path)
+    else:
+        if progress:
+            print(f"training a {config.tokenizer.kind} tokenizer ...", file=sys.stderr)
+        by_document = config.split.by == "document"
+        train_texts = (d.text for d in documents()
+                       if not (by_document and is_validation(d.text, config.split.val_fraction)))
+        tokenizer = train_tokenizer(train_texts, config.tokenizer, family, show_progress=progress)
+    tokenizer.save(str(saved))
+    state["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
+    _save_progress(root, state)
+    return tokenizer

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 import numpy as np
 
@@ -48,36 +48,93 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class SplitWriter:
-    """Appends documents to one split, cutting a new shard at a document boundary past shard_tokens."""
+    """Appends documents to one split, cutting a new shard at the first document boundary past shard_tokens.
 
-    def __init__(self, root: Path, name: str, dtype: np.dtype, shard_tokens: int):
+    Tokens stream to `shard-N.bin.tmp` as they come (memory does not grow with the shard), and a shard is
+    fsynced and renamed when whole; then `on_shard(entry)` runs, so a caller can record progress. A writer
+    given the verified `shards` of an interrupted run continues after them.
+    """
+
+    def __init__(self, root: Path, name: str, dtype: np.dtype, shard_tokens: int,
+                 shards: list[dict[str, Any]] | None = None, on_shard: Callable[[dict], None] | None = None):
         self.root, self.name, self.dtype, self.shard_tokens = root, name, dtype, shard_tokens
+        self.on_shard = on_shard
         (root / name).mkdir(parents=True, exist_ok=True)
-        self.shards: list[dict[str, Any]] = []
-        self._pieces: list[np.ndarray] = []
-        self._starts: list[int] = []
+        self.shards: list[dict[str, Any]] = list(shards or [])
+        self._file: IO[bytes] | None = None
+        self._digest = hashlib.sha256()
+        self._starts: list[np.ndarray] = []
         self._buffered = 0
+        self._end_document = self.shards[-1]["end_document"] if self.shards else 0
 
-    def add(self, ids: np.ndarray) -> None:
-        self._starts.append(self._buffered)
-        self._pieces.append(ids.astype(self.dtype, copy=False))
-        self._buffered += len(ids)
-        if self._buffered >= self.shard_tokens:
-            self.flush()
+    @property
+    def next_document(self) -> int:
+        """Index (in the prepare's document stream) of the first document not yet in a finished shard."""
+        return self.shards[-1]["end_document"] if self.shards else 0
+
+    def add(self, ids: np.ndarray, document: int = -1) -> None:
+        """Append one document; `document` is its index in the input stream (recorded for resumption)."""
+        self.add_many(np.asarray(ids), np.asarray([len(ids)]), np.asarray([document]))
+
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, documents: np.ndarray) -> None:
+        """Append documents given back to back (`lengths[i]` tokens each, stream indices `documents`).
+
+        Cuts shards exactly where adding the documents one at a time would.
+        """
+        ends = np.cumsum(lengths, dtype=np.int64)
+        first = 0
+        while first < len(lengths):
+            base = int(ends[first - 1]) if first else 0
+            # the first document that brings the open shard to shard_tokens ends it
+            last = min(int(np.searchsorted(ends, base + self.shard_tokens - self._buffered)), len(lengths) - 1)
+            if self._file is None:
+                self._file = open(self.root / f"{self._stem(len(self.shards))}.bin.tmp", "wb")
+            self._starts.append(np.concatenate([[base], ends[first:last]]) - base + self._buffered)
+            data = tokens[base:int(ends[last])].astype(self.dtype, copy=False).tobytes()
+            self._file.write(data)
+            self._digest.update(data)
+            self._buffered += int(ends[last]) - base
+            self._end_document = int(documents[last]) + 1
+            if self._buffered >= self.shard_tokens:
+                self._close_shard()
+            first = last + 1
+
+    def _stem(self, index: int) -> str:
+        return f"{self.name}/shard-{index:05d}"
 
     def flush(self) -> None:
-        if not self._pieces:
-            return
-        tokens = np.concatenate(self._pieces)
-        self._write_shard(len(self.shards), tokens, np.asarray(self._starts, dtype=np.int64))
-        self._pieces, self._starts, self._buffered = [], [], 0
+        """Finish the shard being written, if it holds anything."""
+        if self._buffered:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._file is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        stem = self._stem(len(self.shards))
+        starts = np.concatenate(self._starts)
+        os.replace(self.root / f"{stem}.bin.tmp", self.root / f"{stem}.bin")
+        write_atomic(self.root / f"{stem}.idx", starts.tobytes())
+        entry = {"bin": f"{stem}.bin", "idx": f"{stem}.idx", "tokens": self._buffered, "documents": len(starts),
+                 "sha256": self._digest.hexdigest(), "idx_sha256": hashlib.sha256(starts.tobytes()).hexdigest(),
+                 "end_document": self._end_document}
+        self.shards.append(entry)
+        self._digest, self._starts, self._buffered = hashlib.sha256(), [], 0
+        if self.on_shard is not None:
+            self.on_shard(entry)
 
     def _write_shard(self, index: int, tokens: np.ndarray, starts: np.ndarray) -> None:
-        stem = f"{self.name}/shard-{index:05d}"
-        write_atomic(self.root / f"{stem}.bin", tokens.astype(self.dtype, copy=False).tobytes())
-        write_atomic(self.root / f"{stem}.idx", starts.astype(np.int64).tobytes())
+        """Replace shard `index` (or append it) with these tokens in one go (used when moving a tail)."""
+        stem = self._stem(index)
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        idx = starts.astype(np.int64).tobytes()
+        write_atomic(self.root / f"{stem}.bin", data)
+        write_atomic(self.root / f"{stem}.idx", idx)
         entry = {"bin": f"{stem}.bin", "idx": f"{stem}.idx", "tokens": int(len(tokens)),
-                 "documents": int(len(starts)), "sha256": sha256_file(self.root / f"{stem}.bin")}
+                 "documents": int(len(starts)), "sha256": hashlib.sha256(data).hexdigest(),
+                 "idx_sha256": hashlib.sha256(idx).hexdigest(), "end_document": -1}
         if index < len(self.shards):
             self.shards[index] = entry
         else:
@@ -87,6 +144,15 @@ class SplitWriter:
         return {"tokens": sum(s["tokens"] for s in self.shards),
                 "documents": sum(s["documents"] for s in self.shards),
                 "shards": self.shards}
+
+
+def shard_is_intact(root: Path, entry: dict[str, Any], dtype: np.dtype) -> bool:
+    """Whether a finished shard's files are on disk with the sizes and sha256 its entry records."""
+    bin_path, idx_path = root / entry["bin"], root / entry["idx"]
+    return (bin_path.is_file() and idx_path.is_file()
+            and bin_path.stat().st_size == entry["tokens"] * dtype.itemsize
+            and idx_path.stat().st_size == entry["documents"] * 8
+            and sha256_file(bin_path) == entry["sha256"] and sha256_file(idx_path) == entry["idx_sha256"])
 
 
 def move_tail(source: SplitWriter, target: SplitWriter, n_tokens: int) -> None:
