@@ -1,0 +1,155 @@
+"""Tokenization throughput and peak memory of `lmforge prepare` vs Hugging Face `datasets` `.map(batched=True)`.
+
+One run: builds a corpus of at least --mb MB by replicating ../shared/data/gcide/gcide.txt into a temp
+directory, trains one byte-level BPE tokenizer (vocab 8192) that both sides use, then measures, each in
+its own process: lmforge prepare with 1 and 2 workers (read, split, encode, write shards), the same at
+half the corpus (memory must stay flat as the corpus doubles), and datasets' text loader + `.map`.
+Peak RSS is the largest sum of PSS (resident memory, pages shared between processes counted once)
+over the process and its children, sampled every 0.1 s.
+Last line: `ratio X.XX` = ours at 2 workers / peer's `.map` alone (its loading not counted).
+
+    flock /tmp/lmforge-heavy.lock .venv/bin/python bench/prepare_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT.parent / "shared" / "data" / "gcide" / "gcide.txt"
+
+OURS = """
+import json, sys, time
+from lmforge.config import DataConfig, SplitConfig, TokenizerConfig
+from lmforge.data.prepare import prepare
+corpus, tokenizer, store, workers = sys.argv[1:5]
+config = DataConfig(corpus=[corpus], txt_documents="paragraph", store=store,
+                    tokenizer=TokenizerConfig(path=tokenizer), split=SplitConfig(by="document", val_fraction=0.005))
+started = time.time()
+prepare(config, progress=False, workers=int(workers))
+print(json.dumps({"seconds": time.time() - started}))
+"""
+
+PEER = """
+import json, sys, time
+from datasets import disable_progress_bars, load_dataset
+from tokenizers import Tokenizer
+disable_progress_bars()
+corpus, tokenizer, cache = sys.argv[1:4]
+tok = Tokenizer.from_file(tokenizer)
+eos = tok.token_to_id("<|endoftext|>")
+files = sorted(str(p) for p in __import__("pathlib").Path(corpus).glob("*.txt"))
+started = time.time()
+ds = load_dataset("text", data_files=files, sample_by="paragraph", split="train", cache_dir=cache)
+loaded = time.time()
+
+def encode(batch):
+    return {"input_ids": [e.ids + [eos] for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
+
+ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=["text"])
+print(json.dumps({"seconds": time.time() - loaded, "load_seconds": loaded - started}))
+"""
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes (PSS) of `pid` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:  # proportional set size: pages a forked worker shares with its parent count once
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                total += next(int(line.split()[1]) * 1024 for line in fh if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def measure(code: str, *args: str) -> dict:
+    """Run `code` in a fresh interpreter; its JSON result plus the peak RSS of its process tree."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, _ = proc.communicate()
+    thread.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark step failed ({proc.returncode})")
+    return {**json.loads(out.decode().strip().splitlines()[-1]), "rss": peak[0]}
+
+
+def build_corpus(folder: Path, megabytes: int) -> int:
+    folder.mkdir(parents=True)
+    copies = -(-megabytes * 10**6 // SOURCE.stat().st_size)
+    for i in range(copies):
+        shutil.copyfile(SOURCE, folder / f"gcide-{i:02d}.txt")
+    return sum(p.stat().st_size for p in folder.glob("*.txt"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=int, default=200, help="corpus size, at least (MB)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from lmforge.config import TokenizerConfig
+    from lmforge.data.tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
+        tmp = Path(tmp)
+        full = build_corpus(tmp / "full", args.mb)
+        half = build_corpus(tmp / "half", args.mb // 2)
+        text = SOURCE.read_text(encoding="utf-8", errors="replace")[:20_000_000]
+        tokenizer = train_tokenizer(text.split("\n\n"), TokenizerConfig(kind="bpe", vocab_size=8192),
+                                    show_progress=False)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        tok = str(tmp / "tokenizer.json")
+        print(f"corpus: {full / 1e6:.0f} MB ({SOURCE.name} replicated; paragraphs as documents), "
+              f"byte-level BPE vocab {tokenizer.get_vocab_size()}, {os.cpu_count()} CPUs")
+        rows = []
+        for label, size, code, extra in (
+            ("lmforge prepare, 1 worker", full, OURS, [str(tmp / "full"), tok, str(tmp / "s1"), "1"]),
+            ("lmforge prepare, 2 workers", full, OURS, [str(tmp / "full"), tok, str(tmp / "s2"), "2"]),
+            ("lmforge prepare, 2 workers, half corpus", half, OURS, [str(tmp / "half"), tok, str(tmp / "s3"), "2"]),
+            ("datasets load_dataset + .map(batched=True)", full, PEER, [str(tmp / "full"), tok, str(tmp / "hf")]),
+        ):
+            result = measure(code, *extra)
+            rate = size / 1e6 / result["seconds"]
+            rows.append((label, rate, result))
+            load = (f" (+ {result['load_seconds']:.0f}s loading text into arrow, not counted)"
+                    if "load_seconds" in result else "")
+            print(f"{label:<44} {rate:6.2f} MB/s  {result['seconds']:7.1f}s  peak RSS {result['rss'] / 2**20:6.0f} MiB"
+                  f"{load}", flush=True)
+            shutil.rmtree(tmp / "s1", ignore_errors=True)
+        two, half_run, peer = rows[1][2], rows[2][2], rows[3]
+        print(f"peak RSS at 2 workers: {half_run['rss'] / 2**20:.0f} MiB for {half / 1e6:.0f} MB, "
+              f"{two['rss'] / 2**20:.0f} MiB for {full / 1e6:.0f} MB")
+        print(f"ratio {rows[1][1] / peer[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
