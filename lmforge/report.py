@@ -90,18 +90,27 @@ def summarize_store(store_dir: Path) -> str:
         lines.append("curation: none")
         return "\n".join(lines)
     first = steps[0]
-    header = f"{'step':<20} {'docs removed':>13} {'%':>6} {'MB removed':>11} {'%':>6} {'docs left':>11} {'MB left':>9}"
-    lines += ["curation:", header, "-" * len(header)]
+    header = (f"{'step':<20} {'docs removed':>13} {'%':>6} {'bytes removed':>14} {'%':>6} "
+              f"{'docs left':>11} {'bytes left':>11}")
+    lines += ["curation (% of what was read):", header, "-" * len(header)]
     for step in steps:
         docs, size = step.get("removed_documents", 0), step.get("removed_bytes", 0)
         lines.append(f"{step['step']:<20} {docs:>13,} {_percent(docs, first['documents']):>6} "
-                     f"{size / 1e6:>11,.2f} {_percent(size, first['bytes']):>6} "
-                     f"{step['documents']:>11,} {step['bytes'] / 1e6:>9,.2f}")
+                     f"{_size(size):>14} {_percent(size, first['bytes']):>6} "
+                     f"{step['documents']:>11,} {_size(step['bytes']):>11}")
     return "\n".join(lines)
 
 
 def _percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}" if whole else "-"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            break
+        n /= 1000
+    return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
 
 
 def plot_store(store_dir: Path) -> list[Path]:
