@@ -31,7 +31,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from lmforge.config import CurateConfig, DataConfig
-from lmforge.data.corpus import CorpusStats, iter_documents
+from lmforge.data.corpus import CorpusStats, iter_documents, resolve_corpus_files
 from lmforge.errors import LmforgeError
 
 # Filters offered (datatrove's class names). Left out on purpose: C4BadWordsFilter, LanguageFilter,
@@ -246,7 +246,9 @@ def _chunk_corpus(config: DataConfig, folder: Path, progress: bool) -> tuple[lis
     limit = config.curate.chunk_bytes
     chunks: list[Path] = []
     fh, size = None, 0
-    bar = tqdm(unit="B", unit_scale=True, desc="reading", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    total = sum(p.stat().st_size for p in resolve_corpus_files(config.corpus))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
     try:
         for doc in iter_documents(config.corpus, config.format, config.text_field, config.txt_documents,
                                   config.encoding_errors, stats):
