@@ -159,6 +159,25 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmforge.interop.hf_export import export_run
+
+    result = export_run(Path(args.run), Path(args.out), args.checkpoint)
+    auto = "AutoModelForCausalLM" if result.architecture.startswith("GPT2") else "AutoModelForPreTraining"
+    print(f"exported {args.run} ({result.checkpoint}) as {result.architecture} -> {result.out}: "
+          f"{', '.join(result.files)}")
+    print(f'load with: transformers.{auto}.from_pretrained("{result.out}") and '
+          f'AutoTokenizer.from_pretrained("{result.out}")')
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from lmforge.interop.hf_import import describe, import_hf
+
+    print(describe(import_hf(Path(args.hf_dir), Path(args.out), args.config, args.overrides)))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lmforge.report import plot_run, plot_store, summarize, summarize_store
 
@@ -217,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_fill_mask)
+
+    p = sub.add_parser("export", help="write a run's checkpoint as a transformers model directory")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--to", required=True, choices=["hf"], help="hf: Hugging Face transformers (GPT2LMHeadModel / "
+                   "BertForPreTraining, tokenizer files)")
+    p.add_argument("out", help="output directory (new or empty)")
+    p.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest complete)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="turn a local transformers checkpoint (GPT-2, BERT) into a run")
+    p.add_argument("hf_dir", help="directory with config.json, weights (safetensors or .bin) and tokenizer files")
+    p.add_argument("out", help="run directory to create")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("report", help="plots and a summary of a run, or of a token store (curation)")
     p.add_argument("run", help="run directory or token store directory")

@@ -1,94 +1,350 @@
-"""Weight layouts shared with Hugging Face `transformers`: our names and shapes <-> theirs.
+"""Weight layouts and configs shared with Hugging Face `transformers`: our names and shapes <-> theirs.
 
-BERT: BertForPreTraining. Our attention keeps Q, K and V in one fused matrix (one matmul); theirs
-are three, so export splits and import concatenates. Everything else maps one to one.
+GPT <-> GPT2LMHeadModel: one to one, except that GPT-2 keeps its linear maps in Conv1D modules,
+whose weights are (in, out), the transpose of torch's Linear. BERT <-> BertForPreTraining: our
+attention keeps Q, K and V in one fused matrix (one matmul); theirs are three, so export splits and
+import concatenates. Pure functions on state dicts and config dicts; files are hf_export / hf_import's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 
-_BERT_LAYER = {  # ours (under bert.blocks.{i}.) -> transformers (under bert.encoder.layer.{i}.)
-    "attn.proj": "attention.output.dense",
-    "ln_1": "attention.output.LayerNorm",
-    "mlp.fc": "intermediate.dense",
-    "mlp.proj": "output.dense",
-    "ln_2": "output.LayerNorm",
-}
-_BERT_TOP = {
-    "bert.wte.weight": "bert.embeddings.word_embeddings.weight",
-    "bert.wpe.weight": "bert.embeddings.position_embeddings.weight",
-    "bert.wtt.weight": "bert.embeddings.token_type_embeddings.weight",
-    "bert.ln_emb.weight": "bert.embeddings.LayerNorm.weight",
-    "bert.ln_emb.bias": "bert.embeddings.LayerNorm.bias",
-    "bert.pooler.dense.weight": "bert.pooler.dense.weight",
-    "bert.pooler.dense.bias": "bert.pooler.dense.bias",
-    "mlm.dense.weight": "cls.predictions.transform.dense.weight",
-    "mlm.dense.bias": "cls.predictions.transform.dense.bias",
-    "mlm.ln.weight": "cls.predictions.transform.LayerNorm.weight",
-    "mlm.ln.bias": "cls.predictions.transform.LayerNorm.bias",
-    "mlm.bias": "cls.predictions.bias",
-    "nsp.out.weight": "cls.seq_relationship.weight",
-    "nsp.out.bias": "cls.seq_relationship.bias",
-}
+
+@dataclass(frozen=True)
+class Mapped:
+    """One of our tensors and the transformers tensor(s) it is."""
+
+    ours: str
+    theirs: tuple[str, ...]  # several: ours is theirs concatenated along dim 0 (the fused Q, K, V)
+    transpose: bool = False  # GPT-2's Conv1D stores (in, out)
+    part: str = "body"  # body, or the optional part it belongs to: pooler, mlm head, nsp head
 
 
-def bert_hf_config(config: ModelConfig) -> dict[str, Any]:
+def _affine(ours: str, theirs: str, transpose: bool = False, part: str = "body") -> list[Mapped]:
+    """weight and bias of a Linear / Conv1D / LayerNorm."""
+    return [Mapped(f"{ours}.weight", (f"{theirs}.weight",), transpose, part),
+            Mapped(f"{ours}.bias", (f"{theirs}.bias",), False, part)]
+
+
+def gpt_layout(n_layer: int) -> list[Mapped]:
+    """Our GPT <-> GPT2LMHeadModel. The LM head is tied to wte on both sides, so it is not listed."""
+    out = [Mapped("wte.weight", ("transformer.wte.weight",)), Mapped("wpe.weight", ("transformer.wpe.weight",))]
+    for i in range(n_layer):
+        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+        out += _affine(f"{ours}ln_1", f"{theirs}ln_1") + _affine(f"{ours}ln_2", f"{theirs}ln_2")
+        for our_name, their_name in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                                     ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            out += _affine(ours + our_name, theirs + their_name, transpose=True)
+    return out + _affine("ln_f", "transformer.ln_f")
+
+
+def bert_encoder_layout(n_layer: int, ours: str = "bert.") -> list[Mapped]:
+    """Our BertEncoder (under `ours`) <-> transformers' BertModel (under bert.), pooler included."""
+    out = [Mapped(f"{ours}wte.weight", ("bert.embeddings.word_embeddings.weight",)),
+           Mapped(f"{ours}wpe.weight", ("bert.embeddings.position_embeddings.weight",)),
+           Mapped(f"{ours}wtt.weight", ("bert.embeddings.token_type_embeddings.weight",)),
+           *_affine(f"{ours}ln_emb", "bert.embeddings.LayerNorm")]
+    for i in range(n_layer):
+        block, layer = f"{ours}blocks.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            out.append(Mapped(f"{block}attn.qkv.{kind}",
+                              tuple(f"{layer}attention.self.{n}.{kind}" for n in ("query", "key", "value"))))
+        for our_name, their_name in (("attn.proj", "attention.output.dense"), ("ln_1", "attention.output.LayerNorm"),
+                                     ("mlp.fc", "intermediate.dense"), ("mlp.proj", "output.dense"),
+                                     ("ln_2", "output.LayerNorm")):
+            out += _affine(block + our_name, layer + their_name)
+    return out + _affine(f"{ours}pooler.dense", "bert.pooler.dense", part="pooler")
+
+
+def bert_layout(n_layer: int) -> list[Mapped]:
+    """Our BertForPreTraining <-> transformers' BertForPreTraining (MLM decoder tied to the embeddings)."""
+    return [*bert_encoder_layout(n_layer),
+            *_affine("mlm.dense", "cls.predictions.transform.dense", part="mlm head"),
+            *_affine("mlm.ln", "cls.predictions.transform.LayerNorm", part="mlm head"),
+            Mapped("mlm.bias", ("cls.predictions.bias",), part="mlm head"),
+            *_affine("nsp.out", "cls.seq_relationship", part="nsp head")]
+
+
+def layout(config: ModelConfig) -> list[Mapped]:
+    return gpt_layout(config.n_layer) if config.family == "gpt" else bert_layout(config.n_layer)
+
+
+# Tensors transformers may store twice (tied): the copy -> the tensor it must equal.
+TIED = {"gpt": {"lm_head.weight": "transformer.wte.weight"},
+        "bert": {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                 "cls.predictions.decoder.bias": "cls.predictions.bias"}}
+# Stored by some transformers versions, recomputed by all: the causal mask of old GPT-2 files, position ids.
+IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: ours -> transformers
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    if config.family == "bert" and config.pre_norm:
+        raise LmforgeError("a pre-LayerNorm BERT (model.norm=pre) has no transformers BERT equivalent; "
+                           "only post-LN (the original layout) exports")
+    if config.family not in ("gpt", "bert"):
+        raise LmforgeError(f"no transformers layout for model.family={config.family} (exportable: gpt, bert)")
+
+
+def _activation_name(config: ModelConfig) -> str:
+    # gelu_new is GPT-2's own name for the tanh approximation (older transformers know no other).
+    return "gelu_new" if config.gelu_approximate == "tanh" else "gelu"
+
+
+def gpt_hf_config(config: ModelConfig, eos_token_id: Optional[int] = None) -> dict[str, Any]:
+    """transformers GPT2Config fields for our gpt ModelConfig."""
+    _check_exportable(config)
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
+        "n_positions": config.block_size, "n_embd": config.d_model, "n_layer": config.n_layer,
+        "n_head": config.n_head, "n_inner": config.mlp_ratio * config.d_model,
+        "activation_function": _activation_name(config), "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "layer_norm_epsilon": config.layer_norm_eps,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True,
+        "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+    }
+
+
+def bert_hf_config(config: ModelConfig, pad_token_id: int = 0) -> dict[str, Any]:
     """transformers BertConfig fields for our bert ModelConfig."""
     if config.family != "bert":
         raise LmforgeError(f"not a bert model (model.family={config.family})")
-    if config.pre_norm:
-        raise LmforgeError("a pre-LayerNorm BERT (model.norm=pre) has no transformers BERT equivalent; "
-                           "only post-LN (the original layout) exports")
-    if not config.bias:
-        raise LmforgeError("transformers' BERT has biases everywhere; a model.bias=false BERT cannot be exported")
+    _check_exportable(config)
     return {
         "model_type": "bert", "architectures": ["BertForPreTraining"],
         "vocab_size": config.vocab_size, "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "intermediate_size": config.mlp_ratio * config.d_model,
-        "hidden_act": "gelu_new" if config.gelu_approximate == "tanh" else "gelu",
+        "intermediate_size": config.mlp_ratio * config.d_model, "hidden_act": _activation_name(config),
         "hidden_dropout_prob": config.dropout, "attention_probs_dropout_prob": config.dropout,
         "max_position_embeddings": config.block_size, "type_vocab_size": config.type_vocab_size,
-        "layer_norm_eps": config.layer_norm_eps, "pad_token_id": 0, "tie_word_embeddings": True,
+        "layer_norm_eps": config.layer_norm_eps, "pad_token_id": pad_token_id, "tie_word_embeddings": True,
+        "position_embedding_type": "absolute",
     }
 
 
+def _ours_to_theirs(state: dict[str, torch.Tensor], entries: list[Mapped]) -> dict[str, torch.Tensor]:
+    out = {}
+    for entry in entries:
+        tensor = state.get(entry.ours)
+        if tensor is None and entry.ours.endswith(".bias"):
+            # model.bias=false: transformers' layers always have biases; zeros compute the same thing
+            weight = state[entry.ours.removesuffix("bias") + "weight"]
+            tensor = weight.new_zeros(weight.shape[0])
+        elif tensor is None:
+            raise KeyError(entry.ours)  # a bug: the layout does not match the model
+        for name, part in zip(entry.theirs, tensor.chunk(len(entry.theirs), dim=0)):
+            out[name] = (part.t() if entry.transpose else part).contiguous()
+    return out
+
+
+def state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our pretraining model's state dict -> transformers' (GPT2LMHeadModel / BertForPreTraining),
+    each tied tensor stored once (transformers re-ties lm_head / the MLM decoder when loading)."""
+    _check_exportable(config)
+    return _ours_to_theirs(state, layout(config))
+
+
 def bert_state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our BertForPreTraining state dict -> transformers BertForPreTraining's (decoder tied, included)."""
+    """Our BertForPreTraining state dict -> transformers BertForPreTraining's, the tied decoder included."""
     bert_hf_config(config)  # refuses layouts that do not map
-    out = {theirs: state[ours] for ours, theirs in _BERT_TOP.items()}
-    out["cls.predictions.decoder.weight"] = state["bert.wte.weight"]
-    out["cls.predictions.decoder.bias"] = state["mlm.bias"]
-    for i in range(config.n_layer):
-        ours, theirs = f"bert.blocks.{i}.", f"bert.encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)
-            out[f"{theirs}attention.self.query.{kind}"] = q
-            out[f"{theirs}attention.self.key.{kind}"] = k
-            out[f"{theirs}attention.self.value.{kind}"] = v
-            for our_name, their_name in _BERT_LAYER.items():
-                out[f"{theirs}{their_name}.{kind}"] = state[f"{ours}{our_name}.{kind}"]
-    return {k: v.contiguous() for k, v in out.items()}
+    out = state_to_hf(state, config)
+    out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]
+    out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"]
+    return out
+
+
+def bert_classifier_to_hf(config: ModelConfig, state: dict[str, torch.Tensor], labels: list[str],
+                          pad_token_id: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A fine-tuned BERT classifier (lmforge.tasks.models.SequenceClassifier: `backbone.` + `head.out`)
+    -> (BertForSequenceClassification config, state dict). labels: the class names in index order;
+    one label means regression."""
+    hf = bert_hf_config(config, pad_token_id)
+    hf["architectures"] = ["BertForSequenceClassification"]
+    hf.update(num_labels=len(labels), id2label={str(i): name for i, name in enumerate(labels)},
+              label2id={name: i for i, name in enumerate(labels)},
+              problem_type="regression" if len(labels) == 1 else "single_label_classification")
+    entries = [*bert_encoder_layout(config.n_layer, ours="backbone."), *_affine("head.out", "classifier")]
+    return hf, _ours_to_theirs(state, entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: transformers -> ours
+
+SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "bert": ("BertForPreTraining", "BertForMaskedLM", "BertModel")}
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _supported_names() -> str:
+    return ", ".join(name for names in SUPPORTED.values() for name in names)
+
+
+def architecture_of(hf: dict[str, Any]) -> str:
+    """The checkpoint's architecture name, refused unless lmforge can load it."""
+    model_type = hf.get("model_type")
+    names = hf.get("architectures") or []
+    if model_type not in SUPPORTED:
+        found = f"model_type={model_type!r}" + (f" ({', '.join(names)})" if names else "")
+        raise LmforgeError(f"unsupported architecture: config.json has {found}; supported: {_supported_names()}")
+    if not names:  # old checkpoints name no class: the bare model, with whatever heads the weights hold
+        return SUPPORTED[model_type][-1]
+    if names[0] not in SUPPORTED[model_type]:
+        raise LmforgeError(f"unsupported architecture {names[0]} (config.json architectures); "
+                           f"supported: {_supported_names()}")
+    return names[0]
+
+
+def _required(hf: dict[str, Any], key: str) -> Any:
+    if key not in hf:
+        raise LmforgeError(f"config.json has no {key!r}")
+    return hf[key]
+
+
+def _mlp_ratio(inner: int, width: int, key: str) -> int:
+    if inner % width:
+        raise LmforgeError(f"config.json {key}={inner} is not a whole multiple of the width {width}; "
+                           f"lmforge's MLP is model.mlp_ratio (an integer) x model.d_model")
+    return inner // width
+
+
+def _activation(name: Any, key: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise LmforgeError(f"config.json {key}={name!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+def _refuse(hf: dict[str, Any], key: str, supported: Any, what: str) -> None:
+    if key in hf and hf[key] not in (supported, None):
+        raise LmforgeError(f"config.json {key}={hf[key]!r}: {what} has no lmforge equivalent "
+                           f"(supported: {supported!r})")
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Our ModelConfig for a transformers config.json dict (GPT-2 or BERT), refusing what we cannot run."""
+    model_type = hf.get("model_type")
+    architecture_of(hf)
+    if model_type == "gpt2":
+        _refuse(hf, "scale_attn_weights", True, "unscaled attention")
+        _refuse(hf, "scale_attn_by_inverse_layer_idx", False, "attention scaled by layer index")
+        _refuse(hf, "add_cross_attention", False, "cross-attention")
+        width = _required(hf, "n_embd")
+        inner = hf.get("n_inner") or 4 * width
+        config = ModelConfig(
+            family="gpt", n_layer=_required(hf, "n_layer"), n_head=_required(hf, "n_head"), d_model=width,
+            block_size=_required(hf, "n_positions"), vocab_size=_required(hf, "vocab_size"),
+            mlp_ratio=_mlp_ratio(inner, width, "n_inner"), dropout=float(hf.get("resid_pdrop", 0.1)),
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), norm="pre",
+            activation=_activation(hf.get("activation_function", "gelu_new"), "activation_function"))
+    else:
+        _refuse(hf, "position_embedding_type", "absolute", "relative position embeddings")
+        _refuse(hf, "is_decoder", False, "a causal (decoder) BERT")
+        _refuse(hf, "add_cross_attention", False, "cross-attention")
+        width = _required(hf, "hidden_size")
+        config = ModelConfig(
+            family="bert", n_layer=_required(hf, "num_hidden_layers"), n_head=_required(hf, "num_attention_heads"),
+            d_model=width, block_size=_required(hf, "max_position_embeddings"),
+            vocab_size=_required(hf, "vocab_size"),
+            mlp_ratio=_mlp_ratio(_required(hf, "intermediate_size"), width, "intermediate_size"),
+            dropout=float(hf.get("hidden_dropout_prob", 0.1)), layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+            norm="post", activation=_activation(hf.get("hidden_act", "gelu"), "hidden_act"),
+            type_vocab_size=hf.get("type_vocab_size", 2))
+    try:
+        config.validate("config.json")
+    except LmforgeError as exc:
+        raise LmforgeError(f"config.json describes a model lmforge cannot build: {exc}") from None
+    return config
+
+
+def _with_full_names(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """A base model's names (GPT2Model, BertModel: no `transformer.` / `bert.` prefix) -> the full model's."""
+    prefix = "transformer." if family == "gpt" else "bert."
+    if any(k.startswith(prefix) for k in state):
+        return dict(state)
+    return {k if k.startswith(("cls.", "lm_head.")) else prefix + k: v for k, v in state.items()}
+
+
+@dataclass
+class ImportedState:
+    state: dict[str, torch.Tensor]  # ours, float32
+    missing_parts: list[str]  # optional parts the checkpoint does not have (to be initialised)
+
+
+def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
+                  positions: Optional[int] = None) -> ImportedState:
+    """transformers state dict (the architectures in SUPPORTED) -> ours, checked against `config`.
+
+    Heads the checkpoint lacks (a BertModel has no MLM / NSP head, a BertForMaskedLM no pooler or NSP
+    head) are reported in missing_parts, not filled. positions: keep only the first N position
+    embeddings (a shorter model.block_size than the checkpoint's)."""
+    from lmforge.model import build_model  # shapes only, on the meta device: nothing is allocated
+
+    state = _with_full_names(state, config.family)
+    for copy, source in TIED[config.family].items():
+        if copy not in state:
+            continue
+        if source not in state:
+            state[source] = state[copy]  # only the copy was saved
+        elif state[copy].shape != state[source].shape or not torch.equal(state[copy], state[source]):
+            raise LmforgeError(f"{copy} differs from {source}: the checkpoint's output layer is not tied to "
+                               f"its input embeddings, and lmforge's are (weight tying)")
+        state.pop(copy)
+    position_key = "transformer.wpe.weight" if config.family == "gpt" else "bert.embeddings.position_embeddings.weight"
+    if positions is not None and position_key in state:
+        state[position_key] = state[position_key][:positions]
+    with torch.device("meta"):
+        expected = build_model(config).state_dict()
+
+    out, missing_parts, missing, wrong = {}, [], [], []
+    used: set[str] = set()
+    for entry in layout(config):
+        absent = [name for name in entry.theirs if name not in state]
+        if absent:
+            if entry.part == "body":
+                missing += absent
+            elif entry.part not in missing_parts:
+                missing_parts.append(entry.part)
+            continue
+        ours_shape = tuple(expected[entry.ours].shape)
+        part_shape = (ours_shape[0] // len(entry.theirs), *ours_shape[1:])
+        their_shape = part_shape[::-1] if entry.transpose else part_shape
+        bad = [f"{name} is {tuple(state[name].shape)}, config.json implies {their_shape}"
+               for name in entry.theirs if tuple(state[name].shape) != their_shape]
+        if bad:
+            wrong += bad
+            continue
+        parts = [state[name].t() if entry.transpose else state[name] for name in entry.theirs]
+        out[entry.ours] = torch.cat(parts, dim=0).to(torch.float32).contiguous()
+        used.update(entry.theirs)
+    unexpected = [k for k in state if k not in used and not IGNORED.search(k)]
+    if wrong or missing or unexpected:
+        parts = []
+        if wrong:
+            parts.append("shape differs: " + "; ".join(wrong[:3]) + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+        if missing:
+            parts.append(f"missing: {', '.join(missing[:4])}" + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""))
+        if unexpected:
+            parts.append(f"not described by config.json: {', '.join(unexpected[:4])}"
+                         + (f" (and {len(unexpected) - 4} more)" if len(unexpected) > 4 else ""))
+        raise LmforgeError("the weights do not match config.json (" + " | ".join(parts) + ")")
+    return ImportedState(out, missing_parts)
 
 
 def bert_state_from_hf(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """transformers BERT state dict (BertForPreTraining, or a bare BertModel without heads) -> ours.
-
-    Missing heads are left out; the caller initialises them (e.g. a checkpoint without an NSP head)."""
-    if not any(k.startswith("bert.") for k in state):
-        state = {f"bert.{k}": v for k, v in state.items()}  # a bare BertModel's names have no prefix
-    out = {ours: state[theirs] for ours, theirs in _BERT_TOP.items() if theirs in state}
-    for i in range(n_layer):
-        ours, theirs = f"bert.blocks.{i}.", f"bert.encoder.layer.{i}."
-        for kind in ("weight", "bias"):
-            parts = [state[f"{theirs}attention.self.{n}.{kind}"] for n in ("query", "key", "value")]
-            out[f"{ours}attn.qkv.{kind}"] = torch.cat(parts, dim=0)
-            for our_name, their_name in _BERT_LAYER.items():
-                out[f"{ours}{our_name}.{kind}"] = state[f"{theirs}{their_name}.{kind}"]
+    """transformers BERT state dict (BertForPreTraining, or a bare BertModel without heads) -> ours,
+    without checks against a config; missing heads are left out."""
+    state = _with_full_names(state, "bert")
+    out = {}
+    for entry in bert_layout(n_layer):
+        if all(name in state for name in entry.theirs):
+            out[entry.ours] = torch.cat([state[name] for name in entry.theirs], dim=0)
     return out

@@ -1,0 +1,106 @@
+"""`lmforge export RUN --to hf OUT`: a run's checkpoint as a transformers model directory.
+
+GPT runs -> GPT2LMHeadModel, BERT runs -> BertForPreTraining (which BertForMaskedLM and
+BertForSequenceClassification also load), each with config.json, model.safetensors and the
+tokenizer files; GPT runs also get generation_config.json. Nothing here needs transformers installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from lmforge.data.tokenizer import EOS, PAD
+from lmforge.errors import LmforgeError
+from lmforge.interop.hf import bert_classifier_to_hf, bert_hf_config, gpt_hf_config, state_to_hf
+from lmforge.interop.hf_tokenizer import write_tokenizer_files
+from lmforge.model.config import ModelConfig
+
+ARCHITECTURE = {"gpt": "GPT2LMHeadModel", "bert": "BertForPreTraining"}
+
+
+@dataclass
+class Exported:
+    out: Path
+    architecture: str
+    checkpoint: str
+    files: list[str]
+
+
+def _json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_hf_dir(out: Path, hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], tokenizer: Tokenizer,
+                 config: ModelConfig, generation: Optional[dict[str, Any]] = None) -> list[str]:
+    """Write a transformers model directory under a temporary name, then rename it to `out`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmforgeError(f"{out} already exists and is not empty; choose a new output directory")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _json(tmp / "config.json", hf_config)
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hf_state.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_tokenizer_files(tokenizer, config.family, tmp, config.block_size)
+        if generation is not None:
+            _json(tmp / "generation_config.json", generation)
+        files = sorted(p.name for p in tmp.iterdir())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def export_model(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer, out: Path) -> list[str]:
+    """Our pretraining model (GPT or BERT) -> a GPT2LMHeadModel / BertForPreTraining directory."""
+    if config.family == "gpt":
+        eos = tokenizer.token_to_id(EOS)
+        if eos is None:
+            raise LmforgeError(f"the run's tokenizer has no {EOS} token, which GPT-2's config names as its "
+                               f"begin/end of text")
+        hf_config = gpt_hf_config(config, eos)
+        generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    else:
+        hf_config, generation = bert_hf_config(config, pad_token_id=tokenizer.token_to_id(PAD) or 0), None
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than model.vocab_size="
+                           f"{config.vocab_size}")
+    return write_hf_dir(out, hf_config, state_to_hf(state, config), tokenizer, config, generation)
+
+
+def export_classifier(config: ModelConfig, state: dict[str, torch.Tensor], labels: list[str], tokenizer: Tokenizer,
+                      out: Path) -> list[str]:
+    """A fine-tuned classifier (lmforge.tasks.models.SequenceClassifier) -> BertForSequenceClassification
+    with the label names; one label is a regression head."""
+    if config.family != "bert":
+        # GPT2ForSequenceClassification has no bias in its head and finds the last token by a padding
+        # token our GPT tokenizers do not have: it would not compute what our classifier computes.
+        raise LmforgeError("only BERT classifiers export to transformers (GPT2ForSequenceClassification "
+                           "does not match lmforge's GPT classifier)")
+    hf_config, hf_state = bert_classifier_to_hf(config, state, labels, pad_token_id=tokenizer.token_to_id(PAD) or 0)
+    return write_hf_dir(out, hf_config, hf_state, tokenizer, config)
+
+
+def export_run(run_dir: Path, out: Path, checkpoint: Optional[str] = None) -> Exported:
+    """A pretraining run's newest (or named) checkpoint -> a transformers directory at `out`."""
+    from lmforge.run import load_run
+
+    run = load_run(run_dir, checkpoint)
+    if run.config.model.family not in ARCHITECTURE:
+        raise LmforgeError(f"no transformers export for model.family={run.config.model.family} "
+                           f"(exportable: {', '.join(ARCHITECTURE)})")
+    files = export_model(run.config.model, run.model.state_dict(), run.tokenizer, out)
+    return Exported(out, ARCHITECTURE[run.config.model.family], run.checkpoint.path.name, files)

@@ -1,0 +1,190 @@
+"""`lmforge import HF_DIR OUT`: a local transformers checkpoint becomes an lmforge run directory.
+
+The run is what `lmforge pretrain` would have left at step 0 with these weights: config.yaml (model
+fields from config.json; data and train sections from a recipe, the tokenizer fixed to the imported
+one), tokenizer.json and checkpoints/step-000000 with the weights, a fresh optimizer state and the
+data loader at its start. So `evaluate`, `generate`, `fill-mask` read it, and `pretrain --resume`
+continues pretraining from it (warm-up from step 0, as a new run would). Heads the checkpoint lacks
+are initialised as in a new model and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
+from lmforge.errors import LmforgeError
+from lmforge.interop.hf import architecture_of, config_from_hf, state_from_hf
+from lmforge.interop.hf_tokenizer import read_json, read_hf_tokenizer
+from lmforge.model.config import ModelConfig
+
+# model keys an import may change: the rest is the checkpoint's (config.json)
+ADJUSTABLE = {"dropout": "any value", "block_size": "at most the checkpoint's positions (the table is cut)"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Imported:
+    out: Path
+    architecture: str
+    config: Config
+    parameters: int
+    initialised: list[str] = field(default_factory=list)  # parts not in the checkpoint
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: a .bin is a pickle; never run the code a pickle can carry
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise LmforgeError(f"{path} holds more than tensors and was not loaded: torch.load(weights_only=True) "
+                           f"refuses it ({first}); lmforge reads only plain tensors (safetensors, or a .bin of "
+                           f"tensors). Convert it to model.safetensors where you trust its source.") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise LmforgeError(f"{path} is not a readable PyTorch weights file ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LmforgeError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".bin":
+        return _load_bin(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise LmforgeError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A transformers directory's weights (safetensors preferred; shards joined) and the file they came from."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return _load_file(path), name
+        shards = sorted(set(read_json(path).get("weight_map", {}).values()))
+        if not shards:
+            raise LmforgeError(f"{path} lists no weight files (weight_map)")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if not (directory / shard).is_file():
+                raise LmforgeError(f"{path} names {shard}, which is not in {directory}")
+            state.update(_load_file(directory / shard))
+        return state, name
+    present = ", ".join(sorted(p.name for p in directory.iterdir() if p.is_file())) or "no files"
+    raise LmforgeError(f"no PyTorch weights in {directory} (found: {present}); supported: "
+                       f"{', '.join(WEIGHT_FILES)}")
+
+
+def _run_config(model: ModelConfig, tokenizer_path: Path, vocab: int, recipe: Optional[str],
+                overrides: list[str], name: str) -> Config:
+    """The run's Config: `model` from the checkpoint, data/train/mlm from the recipe, then --set overrides."""
+    data = read_yaml(resolve_recipe(recipe or DEFAULT_RECIPE))
+    data["name"] = name
+    data["model"] = dataclasses.asdict(model)
+    config = config_from_dict(data, overrides)
+    for key in (f.name for f in dataclasses.fields(ModelConfig)):
+        if getattr(config.model, key) != getattr(model, key) and key not in ADJUSTABLE:
+            raise LmforgeError(f"model.{key} comes from the checkpoint's config.json ({getattr(model, key)!r}); "
+                               f"an import may change only {', '.join(f'model.{k} ({v})' for k, v in ADJUSTABLE.items())}")
+    if config.model.block_size > model.block_size:
+        raise LmforgeError(f"model.block_size={config.model.block_size} exceeds the checkpoint's "
+                           f"{model.block_size} position embeddings")
+    # The run encodes its data with the imported tokenizer, never a newly trained one.
+    config.data.tokenizer = TokenizerConfig(kind="bpe" if model.family == "gpt" else "wordpiece",
+                                            vocab_size=vocab, path=str(tokenizer_path))
+    return config
+
+
+def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Imported:
+    """Convert the transformers checkpoint in `directory` into an lmforge run directory `out`.
+
+    recipe: the YAML recipe whose data / train / mlm sections the run uses (default: the built-in one);
+    overrides: --set values, e.g. data.corpus=... or model.block_size=128."""
+    from lmforge.model import build_model
+    from lmforge.train.checkpoint import rng_state, save_checkpoint
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.trainer import seed_everything
+
+    if not directory.is_dir():
+        raise LmforgeError(f"not a directory: {directory}")
+    if not (directory / "config.json").is_file():
+        raise LmforgeError(f"no config.json in {directory}: not a transformers model directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmforgeError(f"{out} already exists and is not empty; choose a new run directory")
+    hf = read_json(directory / "config.json")
+    architecture = architecture_of(hf)
+    source_model = config_from_hf(hf)
+    tokenizer, notes = read_hf_tokenizer(directory, source_model.family)
+    if tokenizer.get_vocab_size() > source_model.vocab_size:
+        raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                           f"{source_model.vocab_size} embeddings (config.json vocab_size)")
+    config = _run_config(source_model, out.resolve() / "tokenizer.json", tokenizer.get_vocab_size(), recipe,
+                         overrides or [], directory.resolve().name)
+
+    hf_state, weights_file = read_hf_weights(directory)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values() if t.is_floating_point()})
+    if dtypes != ["float32"]:
+        notes.append(f"weights converted from {', '.join(dtypes)} to float32")
+    imported = state_from_hf(hf_state, source_model)
+    if config.model.block_size < source_model.block_size:
+        key = "wpe.weight" if source_model.family == "gpt" else "bert.wpe.weight"
+        imported.state[key] = imported.state[key][: config.model.block_size].clone()
+        notes.append(f"position embeddings cut to the first {config.model.block_size} of {source_model.block_size}")
+
+    seed_everything(config.train.seed)  # what a new run does first: the initialised heads are reproducible
+    model = build_model(config.model)
+    model.load_state_dict(imported.state, strict=False)
+    optimizer = build_optimizer(model, config.train, torch.device("cpu"))
+
+    tmp = out.parent / f".{out.name}.import-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
+
+        dump_config(config, tmp / CONFIG_FILE)
+        tokenizer.save(str(tmp / TOKENIZER_FILE))
+        save_checkpoint(tmp / "checkpoints", 0, model, optimizer, {
+            "tokens_seen": 0, "bad_steps_total": 0,
+            "loader": {"batch_index": 0, "seed": config.train.seed},  # a loader at its start (see data/loader.py)
+            "rng": rng_state(), "config": config.to_dict(),
+            "imported_from": {"path": str(directory.resolve()), "architecture": architecture,
+                              "weights": weights_file, "initialised": imported.missing_parts, "notes": notes},
+        })
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Imported(out, architecture, config, model.num_parameters(exclude_embeddings=False),
+                    imported.missing_parts, notes)
+
+
+def describe(result: Imported) -> str:
+    """What was imported, what was initialised, and how to go on: lines for the user."""
+    c = result.config.model
+    lines = [f"imported {result.architecture} ({c.n_layer} layers, {c.d_model} wide, {c.n_head} heads, "
+             f"vocab {c.vocab_size:,}, {result.parameters / 1e6:.2f}M parameters) -> {result.out}"]
+    lines += [f"  note: {n}" for n in result.notes]
+    if result.initialised:
+        lines.append(f"  not in the checkpoint, initialised at random: {', '.join(result.initialised)}"
+                     + (" (fill-mask / MLM loss are meaningless until trained)" if "mlm head" in result.initialised else ""))
+    lines.append(f"  continue pretraining: lmforge pretrain --resume {result.out} [--set train.steps=N ...]")
+    return "\n".join(lines)

@@ -1,0 +1,409 @@
+"""Export to and import from Hugging Face transformers: equal outputs both ways, identical token ids,
+identical greedy generations, and clear refusals of what cannot be converted. Tiny random models, no network."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lmforge.config import Config, DataConfig, TokenizerConfig, dump_config
+from lmforge.data.tokenizer import EOS, train_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import generate
+from lmforge.interop.hf import bert_classifier_to_hf
+from lmforge.interop.hf_export import export_run
+from lmforge.interop.hf_import import import_hf
+from lmforge.interop.hf_tokenizer import read_hf_tokenizer, write_tokenizer_files
+from lmforge.model import ModelConfig, build_model
+from lmforge.run import load_run
+from lmforge.train.checkpoint import save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+MULTILINGUAL = ("Héllo wörld! Zwölf Boxkämpfer jagen Viktor — naïve café, ÇA VA? 日本語のテキスト, "
+                "Привет, мир. Ελληνικά γράμματα. مرحبا 🙂 tabs\tand  spaces\n")
+TRAIN_TEXT = [MULTILINGUAL, "The quick brown fox jumps over the lazy dog. " * 4,
+              "A journey of a thousand miles begins with a single step. All that glitters is not gold."] * 10
+GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "gpt2-tokenizer"
+MINILM_FILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "all-MiniLM-L6-v2"
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+_TOKENIZERS = {}
+
+
+def _tokenizer(family, kind=None):
+    kind = kind or ("bpe" if family == "gpt" else "wordpiece")
+    if (family, kind) not in _TOKENIZERS:
+        _TOKENIZERS[family, kind] = train_tokenizer(TRAIN_TEXT, TokenizerConfig(kind=kind, vocab_size=320), family,
+                                                    show_progress=False)
+    return _TOKENIZERS[family, kind]
+
+
+def _model_config(family, vocab_size, **kw):
+    extra = {"layer_norm_eps": 1e-12} if family == "bert" else {}
+    return ModelConfig(family=family, n_layer=2, n_head=4, d_model=32, block_size=24, vocab_size=vocab_size,
+                       **{**extra, **kw})
+
+
+def _randomise(model, std=0.2, seed=0):
+    """Weights beyond the init, so every tensor (biases and norms too) changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.dim() == 1 and p.shape[0] == 32 else 0.0))
+    return model
+
+
+def _make_run(tmp_path, family, kind=None, **model_kw):
+    """A run directory (config, tokenizer, one checkpoint) holding a random tiny model."""
+    tokenizer = _tokenizer(family, kind)
+    config = Config(name="tiny", data=DataConfig(corpus=["builtin:tinyshakespeare"]),
+                    model=_model_config(family, tokenizer.get_vocab_size(), **model_kw))
+    run = tmp_path / f"run-{family}"
+    run.mkdir()
+    dump_config(config, run / "config.yaml")
+    tokenizer.save(str(run / "tokenizer.json"))
+    torch.manual_seed(0)
+    save_checkpoint(run / "checkpoints", 10, _randomise(build_model(config.model)), None, {})
+    return run
+
+
+def _padded_batch(vocab, seed=1, length=24):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (3, length), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, length // 2:] = 1
+    attention = torch.ones_like(ids)
+    attention[1, 17:] = 0
+    attention[2, 9:] = 0
+    ids[attention == 0] = 0
+    types[attention == 0] = 0
+    return ids, types, attention
+
+
+def _max_diff(a, b, real):
+    return (a[real] - b[real]).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: our run -> transformers
+
+
+def test_gpt_export_gives_transformers_equal_logits_and_identical_greedy_generation(tmp_path):
+    run = _make_run(tmp_path, "gpt")
+    exported = export_run(run, tmp_path / "hf")
+    assert exported.architecture == "GPT2LMHeadModel"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "generation_config.json"} <= set(exported.files)
+    ours = load_run(run).model
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "GPT2LMHeadModel"
+    ids, _, attention = _padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        diff = _max_diff(ours(ids).logits, theirs(input_ids=ids, attention_mask=attention).logits, attention.bool())
+    assert diff < TOL
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    for prompt in ("The quick", "Привет"):
+        prompt_ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        mine = generate(ours, prompt_ids, 14, temperature=0, stop_token=eos)
+        with torch.no_grad():
+            reference = theirs.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                                        max_new_tokens=14)
+        assert mine.tolist() == reference.tolist()
+
+
+def test_bert_export_loads_as_pretraining_masked_lm_and_classification_models(tmp_path):
+    run = _make_run(tmp_path, "bert")
+    export_run(run, tmp_path / "hf")
+    ours = load_run(run).model
+    ids, types, attention = _padded_batch(ours.config.vocab_size)
+    real = attention.bool()
+    with torch.no_grad():
+        mine = ours(ids, types, attention)
+        hidden, pooled = ours.bert(ids, types, attention)
+        pre = transformers.AutoModelForPreTraining.from_pretrained(tmp_path / "hf").eval()
+        out = pre(input_ids=ids, token_type_ids=types, attention_mask=attention)
+        assert type(pre).__name__ == "BertForPreTraining"
+        assert _max_diff(mine.mlm_logits, out.prediction_logits, real) < TOL
+        assert (mine.nsp_logits - out.seq_relationship_logits).abs().max() < TOL
+        mlm = transformers.BertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+        assert _max_diff(mine.mlm_logits, mlm(input_ids=ids, token_type_ids=types, attention_mask=attention).logits,
+                         real) < TOL
+        cls = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=3).eval()
+        base = cls.bert(input_ids=ids, token_type_ids=types, attention_mask=attention)
+        assert _max_diff(hidden, base.last_hidden_state, real) < TOL
+        assert (pooled - base.pooler_output).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family,kind", [("gpt", "bpe"), ("gpt", "char"), ("bert", "wordpiece"), ("bert", "unigram")])
+def test_exported_tokenizer_gives_identical_ids_through_auto_tokenizer(tmp_path, family, kind):
+    ours = _tokenizer(family, kind)
+    write_tokenizer_files(ours, family, tmp_path, model_max_length=64)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = MULTILINGUAL + (f" {EOS} more" if family == "gpt" else " [MASK] more")
+    assert theirs(text)["input_ids"] == ours.encode(text).ids
+    ids = ours.encode(text).ids
+    assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+    assert theirs.decode(ids) == ours.decode(ids, skip_special_tokens=False)
+    if family == "bert":
+        mine, reference = ours.encode(text, "Второе предложение."), theirs(text, "Второе предложение.")
+        assert reference["input_ids"] == mine.ids and reference["token_type_ids"] == mine.type_ids
+        assert mine.ids[0] == theirs.cls_token_id and theirs.mask_token_id == ours.token_to_id("[MASK]")
+        assert theirs.pad_token_id == 0
+    else:
+        assert theirs.eos_token_id == ours.token_to_id(EOS)
+
+
+def test_pre_layernorm_bert_and_existing_output_are_refused(tmp_path):
+    with pytest.raises(LmforgeError, match="pre-LayerNorm"):
+        export_run(_make_run(tmp_path, "bert", norm="pre"), tmp_path / "hf")
+    run = _make_run(tmp_path, "gpt")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(LmforgeError, match="not empty"):
+        export_run(run, tmp_path / "full")
+
+
+def test_bias_free_gpt_exports_with_zero_biases(tmp_path):
+    run = _make_run(tmp_path, "gpt", bias=False)
+    export_run(run, tmp_path / "hf")
+    ours = load_run(run).model
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids, _, attention = _padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        assert _max_diff(ours(ids).logits, theirs(input_ids=ids).logits, attention.bool()) < TOL
+
+
+def test_bert_classifier_exports_as_sequence_classification_with_label_names(tmp_path):
+    models = pytest.importorskip("lmforge.tasks.models")
+    tokenizer = _tokenizer("bert")
+    config = _model_config("bert", tokenizer.get_vocab_size())
+    ours = _randomise(models.build_task_model(config, "classification", 3, 0.0)).eval()
+    labels = ["negative", "neutral", "positive"]
+    hf_config, state = bert_classifier_to_hf(config, ours.state_dict(), labels)
+    theirs = transformers.BertForSequenceClassification(transformers.BertConfig(**hf_config)).eval()
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    assert theirs.config.id2label == dict(enumerate(labels))
+    ids, types, attention = _padded_batch(config.vocab_size)
+    with torch.no_grad():
+        assert (ours(ids, types, attention) - theirs(input_ids=ids, token_type_ids=types,
+                                                     attention_mask=attention).logits).abs().max() < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: transformers -> our run
+
+
+def _hf_dir(tmp_path, model, family, name="hf"):
+    """A transformers checkpoint directory: save_pretrained + our tokenizer files."""
+    out = tmp_path / name
+    model.save_pretrained(out)
+    write_tokenizer_files(_tokenizer(family), family, out, model_max_length=24)
+    return out
+
+
+def _gpt2(cls_name="GPT2LMHeadModel", **kw):
+    vocab = _tokenizer("gpt").get_vocab_size()
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=24, vocab_size=vocab,
+                                     bos_token_id=0, eos_token_id=0, **kw)
+    torch.manual_seed(0)
+    return _randomise(getattr(transformers, cls_name)(config)).eval()
+
+
+def _bert(cls_name="BertForPreTraining", **kw):
+    vocab = _tokenizer("bert").get_vocab_size()
+    config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
+                                     intermediate_size=64, max_position_embeddings=24, vocab_size=vocab, **kw)
+    torch.manual_seed(0)
+    return _randomise(getattr(transformers, cls_name)(config)).eval()
+
+
+@pytest.mark.parametrize("cls_name", ["GPT2LMHeadModel", "GPT2Model"])
+def test_gpt2_import_gives_equal_logits(tmp_path, cls_name):
+    theirs = _gpt2(cls_name, activation_function="gelu_new")
+    result = import_hf(_hf_dir(tmp_path, theirs, "gpt"), tmp_path / "run")
+    assert result.architecture == cls_name and result.initialised == []
+    run = load_run(tmp_path / "run")
+    assert run.checkpoint.path.name == "step-000000"
+    ids, _, attention = _padded_batch(run.config.model.vocab_size)
+    with torch.no_grad():
+        out = theirs(input_ids=ids, attention_mask=attention)
+        logits = out.logits if cls_name == "GPT2LMHeadModel" else out.last_hidden_state @ theirs.wte.weight.T
+        assert _max_diff(run.model(ids).logits, logits, attention.bool()) < TOL
+
+
+@pytest.mark.parametrize("cls_name,initialised", [("BertForPreTraining", []),
+                                                  ("BertForMaskedLM", ["pooler", "nsp head"]),
+                                                  ("BertModel", ["mlm head", "nsp head"])])
+def test_bert_import_gives_equal_outputs_and_initialises_missing_heads(tmp_path, cls_name, initialised):
+    theirs = _bert(cls_name)
+    result = import_hf(_hf_dir(tmp_path, theirs, "bert"), tmp_path / "run")
+    assert result.initialised == initialised
+    ours = load_run(tmp_path / "run").model
+    ids, types, attention = _padded_batch(ours.config.vocab_size)
+    real = attention.bool()
+    with torch.no_grad():
+        out = theirs(input_ids=ids, token_type_ids=types, attention_mask=attention, output_hidden_states=True)
+        mine = ours(ids, types, attention)
+        hidden, pooled = ours.bert(ids, types, attention)
+        their_hidden = out.last_hidden_state if cls_name == "BertModel" else out.hidden_states[-1]
+        assert _max_diff(hidden, their_hidden, real) < TOL
+        if cls_name == "BertForPreTraining":
+            assert _max_diff(mine.mlm_logits, out.prediction_logits, real) < TOL
+            assert (mine.nsp_logits - out.seq_relationship_logits).abs().max() < TOL
+        elif cls_name == "BertForMaskedLM":
+            assert _max_diff(mine.mlm_logits, out.logits, real) < TOL
+        else:
+            assert (pooled - out.pooler_output).abs().max() < TOL
+
+
+def test_export_then_import_restores_the_same_weights(tmp_path):
+    for family in ("gpt", "bert"):
+        run = _make_run(tmp_path, family)
+        export_run(run, tmp_path / f"hf-{family}")
+        import_hf(tmp_path / f"hf-{family}", tmp_path / f"back-{family}")
+        before, after = load_run(run).model.state_dict(), load_run(tmp_path / f"back-{family}").model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_import_reads_a_weights_only_bin_converts_half_precision_and_cuts_positions(tmp_path):
+    theirs = _gpt2()
+    directory = _hf_dir(tmp_path, theirs, "gpt")
+    state = {k: v.half() for k, v in theirs.state_dict().items()}
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin")
+    result = import_hf(directory, tmp_path / "run", overrides=["model.block_size=16", "model.dropout=0.0"])
+    assert any("float16" in n for n in result.notes) and any("first 16 of 24" in n for n in result.notes)
+    run = load_run(tmp_path / "run")
+    assert run.config.model.block_size == 16 and run.model.wpe.weight.shape == (16, 32)
+    assert torch.equal(run.model.wpe.weight, state["transformer.wpe.weight"][:16].float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers from transformers directories
+
+
+@pytest.mark.skipif(not GPT2_TOKENIZER.is_dir(), reason="shared GPT-2 tokenizer files absent")
+def test_real_gpt2_tokenizer_files_give_gpt2_tokenizer_fast_ids(tmp_path):
+    ours, notes = read_hf_tokenizer(GPT2_TOKENIZER, "gpt")
+    assert notes == ["tokenizer from vocab.json + merges.txt"]
+    reference = transformers.GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER)
+    hello = "Hello world! The quick brown fox"
+    assert ours.encode(hello).ids[:7] == [15496, 995, 0, 383, 2068, 7586, 21831]
+    for text in (hello, MULTILINGUAL, f"one{EOS}two  {EOS}", " leading space and trailing "):
+        assert ours.encode(text).ids == reference(text)["input_ids"]
+        assert ours.decode(ours.encode(text).ids, skip_special_tokens=False) == text
+    write_tokenizer_files(ours, "gpt", tmp_path, model_max_length=1024)  # and the same once exported
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path)(MULTILINGUAL)["input_ids"] == ours.encode(MULTILINGUAL).ids
+
+
+@pytest.mark.skipif(not MINILM_FILES.is_dir(), reason="shared MiniLM tokenizer files absent")
+def test_bert_tokenizer_from_tokenizer_json_or_vocab_txt_matches_transformers(tmp_path):
+    reference = transformers.AutoTokenizer.from_pretrained(MINILM_FILES)
+    only_vocab = tmp_path / "vocab-only"
+    only_vocab.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "config.json"):
+        shutil.copy(MINILM_FILES / name, only_vocab)
+    long_text = MULTILINGUAL * 20  # longer than the file's fixed truncation (128): that setting is dropped
+    for directory, source in ((MINILM_FILES, "tokenizer.json"), (only_vocab, "vocab.txt")):
+        ours, notes = read_hf_tokenizer(directory, "bert")
+        assert notes[0] == f"tokenizer from {source}"
+        for text, pair in ((long_text, None), (MULTILINGUAL, "Second [MASK] sentence.")):
+            mine, theirs = ours.encode(text, pair), reference(text, pair)
+            assert mine.ids == theirs["input_ids"] and mine.type_ids == theirs["token_type_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _edit_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_import_refuses_bad_input_with_clear_messages(tmp_path):
+    directory = _hf_dir(tmp_path, _bert(), "bert")
+
+    def refused(match, **kw):
+        with pytest.raises(LmforgeError, match=match) as info:
+            import_hf(directory, tmp_path / "run", **kw)
+        assert not (tmp_path / "run").exists()
+        return str(info.value)
+
+    original = (directory / "config.json").read_text()
+    _edit_config(directory, architectures=["BertForQuestionAnswering"])
+    message = refused("unsupported architecture BertForQuestionAnswering")
+    assert "GPT2LMHeadModel" in message and "BertModel" in message
+    _edit_config(directory, model_type="t5", architectures=["T5ForConditionalGeneration"])
+    assert "BertForPreTraining" in refused("model_type='t5' \\(T5ForConditionalGeneration\\)")
+    (directory / "config.json").write_text(original)
+    _edit_config(directory, intermediate_size=80)
+    refused("intermediate_size=80 is not a whole multiple of the width 32")
+    (directory / "config.json").write_text(original)
+    _edit_config(directory, hidden_act="relu")
+    refused("hidden_act='relu' is not supported; supported: gelu, gelu_new")
+    (directory / "config.json").write_text(original)
+    _edit_config(directory, num_hidden_layers=3)
+    refused(r"do not match config.json \(missing: bert.encoder.layer.2.attention.self.query.weight")
+    _edit_config(directory, num_hidden_layers=1)
+    refused(r"not described by config.json: bert.encoder.layer.1")
+    _edit_config(directory, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    refused(r"shape differs: bert.embeddings.word_embeddings.weight is \(\d+, 32\), config.json implies \(\d+, 64\)")
+    (directory / "config.json").write_text(original)
+    refused("model.n_layer comes from the checkpoint", overrides=["model.n_layer=4"])
+    refused("exceeds the checkpoint's 24 position embeddings", overrides=["model.block_size=48"])
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / name).rename(tmp_path / name)
+    refused(r"no tokenizer files in .*hf \(found: config.json, model.safetensors\); supported: tokenizer.json, "
+            r"or vocab.txt \(BERT\)")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).rename(directory / name)
+
+    state = dict(transformers.BertModel(transformers.BertConfig(**json.loads(original))).state_dict())
+    (directory / "model.safetensors").unlink()
+    torch.save({**state, "extra": _Payload()}, directory / "pytorch_model.bin")
+    message = refused(r"pytorch_model.bin holds more than tensors and was not loaded: "
+                      r"torch.load\(weights_only=True\) refuses it")
+    assert "safetensors" in message
+    (directory / "pytorch_model.bin").unlink()
+    refused(r"no PyTorch weights in .* \(found: config.json, special_tokens_map.json, tokenizer.json, "
+            r"tokenizer_config.json\); supported: model.safetensors")
+    (directory / "model.safetensors").write_bytes(b"not safetensors")
+    refused("is not a readable safetensors file")
+
+
+def test_import_refuses_untied_output_layer_and_missing_special_tokens(tmp_path):
+    theirs = _gpt2(tie_word_embeddings=False)
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    theirs.config.to_json_file(directory / "config.json")
+    state = {k: v.contiguous() for k, v in theirs.state_dict().items()}
+    state["lm_head.weight"] = state["lm_head.weight"].clone() + 1
+    save_file(state, str(directory / "model.safetensors"))
+    write_tokenizer_files(_tokenizer("gpt"), "gpt", directory, 24)
+    with pytest.raises(LmforgeError, match="lm_head.weight differs from transformer.wte.weight"):
+        import_hf(directory, tmp_path / "run")
+    write_tokenizer_files(_tokenizer("bert"), "bert", directory, 24)  # a tokenizer with no <|endoftext|>
+    with pytest.raises(LmforgeError, match=r"has no <\|endoftext\|>, which lmforge's gpt runs need"):
+        import_hf(directory, tmp_path / "run")
