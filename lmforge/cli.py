@@ -80,6 +80,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmforge.train.device import resolve_device
     from lmforge.train.evaluate import evaluate
 
+    from lmforge.tasks.finetune import is_finetune_run
+
+    if is_finetune_run(args.run):
+        return evaluate_finetuned_run(args)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     tc = run.config.train
@@ -156,6 +160,81 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
                           for slot in results]))
     else:
         print(describe(results))
+    return 0
+
+
+def evaluate_finetuned_run(args: argparse.Namespace) -> int:
+    """`lmforge evaluate` on a fine-tuned run: its best checkpoint's metrics on the task's dev split."""
+    from lmforge.tasks.finetune import evaluate_finetuned
+
+    run, measured = evaluate_finetuned(args.run, args.checkpoint, args.device)
+    result = {"checkpoint": run.checkpoint.path.name, "split": "dev", "task": run.config.task.name,
+              **{k.removeprefix("val_"): v for k, v in measured.items()}}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        print(f"{result['checkpoint']}: {result['task']} dev {shown}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
+
+    if args.resume:
+        if args.run or args.task:
+            raise LmforgeError("--resume continues a fine-tune with its own config.yaml; give only the run "
+                               "directory (and --set to change values)")
+        run_dir = Path(args.resume)
+        if not is_finetune_run(run_dir):
+            raise LmforgeError(f"not a fine-tuned run: {run_dir}")
+        config = load_finetune_config(run_dir, args.overrides)
+    else:
+        if not args.run or not args.task:
+            raise LmforgeError("usage: lmforge finetune RUN --task TASK_DIR_OR_GLUE_NAME [--set k=v ...]")
+        config = plan_finetune(args.run, args.task, args.overrides, args.glue_root, args.checkpoint)
+        run_dir = Path(args.out or Path("runs") / f"{config.name}-{config.finetune.init}-"
+                                                   f"{time.strftime('%Y%m%d-%H%M%S')}")
+    result = finetune(config, run_dir, resume=bool(args.resume))
+    if result.interrupted_by is not None:
+        print(f"stopped at step {result.step}; checkpoint written. Continue with:\n"
+              f"  lmforge finetune --resume {run_dir}")
+        return 128 + result.interrupted_by
+    shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.best.items())
+    early = " (stopped early)" if result.stopped_early else ""
+    print(f"best dev: {shown}  (step {result.best_step} of {result.total_steps}{early}, {result.seconds:.0f}s)")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lmforge.tasks.finetune import is_finetune_run, load_finetuned, predict
+    from lmforge.train.device import resolve_device
+
+    if not is_finetune_run(args.run):
+        raise LmforgeError(f"predict needs a fine-tuned run (lmforge finetune); {args.run} is not one")
+    if (args.text is None) == (args.file is None):
+        raise LmforgeError('give a text (and optionally its pair) or --file, e.g. lmforge predict RUN "great film"')
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise LmforgeError(f"--file {path}: no such file")
+        lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        inputs = [tuple(line.split("\t", 1)) if "\t" in line else (line, None) for line in lines]
+    else:
+        inputs = [(args.text, args.pair)]
+    run = load_finetuned(args.run, args.checkpoint, resolve_device(args.device))
+    results = predict(run, inputs)
+    for (text, pair), result in zip(inputs, results):
+        if args.json:
+            print(json.dumps({"text": text, **({"pair": pair} if pair is not None else {}), **result}))
+        elif "label" in result:
+            probs = "  ".join(f"{name}: {p:.3f}" for name, p in result["probabilities"].items())
+            print(f"{result['label']}\t{result['probabilities'][result['label']]:.3f}\t({probs})\t{text}")
+        elif "score" in result:
+            print(f"{result['score']:.4f}\t{text}")
+        else:
+            print(result["response"])
     return 0
 
 
@@ -236,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_fill_mask)
+
+    p = sub.add_parser("finetune", help="fine-tune a run on a labeled task (classification, regression, generation)")
+    p.add_argument("run", nargs="?", help="the run to start from: a pretraining run, or a fine-tuned one")
+    p.add_argument("--task", help="task directory, or a GLUE name (cola, sst2, mrpc, stsb, wnli)")
+    p.add_argument("--glue-root", help="where GLUE task names are looked up (default: ../shared/data/glue)")
+    p.add_argument("--checkpoint", help="checkpoint of RUN to start from (default: newest; a fine-tuned run's best)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set finetune.lr=2e-4, --set finetune.init=random, --set task.text_pair=q2 (repeatable)")
+    p.add_argument("--out", help="run directory (default: runs/TASK-INIT-TIMESTAMP)")
+    p.add_argument("--resume", metavar="FT_RUN", help="continue an interrupted fine-tune from its newest checkpoint")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="labels with probabilities (or scores, or responses) from a fine-tuned run")
+    _add_run_args(p)
+    p.add_argument("text", nargs="?", help="the input text")
+    p.add_argument("pair", nargs="?", help="the second text, for pair tasks")
+    p.add_argument("--file", help="one input per line; a tab separates the two texts of a pair")
+    p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a run's checkpoint as a transformers model directory")
     p.add_argument("run", help="run directory")

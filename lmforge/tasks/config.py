@@ -11,12 +11,13 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 from lmforge.config import apply_overrides, from_dict, read_yaml
 from lmforge.errors import LmforgeError
+from lmforge.model.config import ModelConfig
 from lmforge.tasks.metrics import check_metric_names, selection_metric
 
 DEFAULT_GLUE_ROOT = "../shared/data/glue"  # relative to the working directory, as the shipped recipes' corpora
@@ -29,7 +30,8 @@ Column = Union[int, str]  # a header name, or a 0-based field index
 class TaskConfig:
     name: str = "task"
     path: str = ""  # the task directory
-    kind: Literal["classification", "regression"] = "classification"
+    # generation: prompt/response pairs (text = the prompt, label = the response) for decoders
+    kind: Literal["classification", "regression", "generation"] = "classification"
     format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"  # auto: from each file's suffix
     header: bool = True  # tsv/csv: the first row names the columns
     text: Column = "text"
@@ -51,6 +53,12 @@ class TaskConfig:
             codecs.lookup(self.encoding)
         except LookupError:
             raise LmforgeError(f"{prefix}.encoding: unknown encoding {self.encoding!r}") from None
+        if self.kind == "generation":
+            for key in ("text_pair", "labels", "positive_label", "metrics", "select_metric"):
+                if getattr(self, key) is not None:
+                    raise LmforgeError(f"{prefix}.{key} does not apply to a generation task "
+                                       f"(it is scored by the loss on the dev responses)")
+            return self._check_columns(prefix)
         if self.metrics is None:
             self.metrics = ["accuracy"] if self.kind == "classification" else ["spearman", "pearson"]
         try:
@@ -73,6 +81,9 @@ class TaskConfig:
             if self.positive_label is not None and self.positive_label not in self.labels:
                 raise LmforgeError(f"{prefix}.positive_label {self.positive_label!r} is not in {prefix}.labels "
                                    f"{self.labels}")
+        return self._check_columns(prefix)
+
+    def _check_columns(self, prefix: str) -> "TaskConfig":
         columns = [(k, getattr(self, k)) for k in ("text", "text_pair", "label") if getattr(self, k) is not None]
         for key, column in columns:
             if isinstance(column, int) and column < 0:
@@ -146,6 +157,9 @@ def resolve_task_config(task: str | os.PathLike, data_root: Optional[str | os.Pa
         data.update(read_yaml(yaml_path))
     data["path"] = str(folder)
     apply_overrides(data, list(overrides))
+    if data.get("kind") == "generation":  # JSONL prompt/response files by default
+        data.setdefault("text", "prompt")
+        data.setdefault("label", "response")
     # YAML reads `labels: [0, 1]` as integers; labels are compared as the strings in the files.
     if isinstance(data.get("labels"), list):
         data["labels"] = [label_text(v) for v in data["labels"]]
@@ -156,3 +170,70 @@ def resolve_task_config(task: str | os.PathLike, data_root: Optional[str | os.Pa
         return from_dict(TaskConfig, data).validate()
     except LmforgeError as err:
         raise LmforgeError(f"{where}: {err}") from None
+
+
+@dataclass
+class FinetuneConfig:
+    """How a fine-tune trains: the `finetune` section of a fine-tuned run's config.yaml."""
+
+    # pretrained: start from the base run's weights; random: its shape and tokenizer, fresh weights (the control)
+    init: Literal["pretrained", "random"] = "pretrained"
+    lr: float = 1e-4  # peak learning rate of the Transformer's top layer
+    head_lr: Optional[float] = None  # the new head's peak learning rate (None: lr)
+    layer_lr_decay: float = 1.0  # layer l of L trains at lr * decay**(L - l), the embeddings at decay**L (1: off)
+    epochs: float = 3.0
+    steps: int = 0  # > 0: exactly this many optimizer steps, whatever epochs says
+    batch_size: int = 32
+    max_length: int = 128  # tokens per input, special tokens included; pairs are cut longest-first
+    warmup: float = 0.1  # fraction of the steps with linear warm-up; then linear decay to 0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # 0 disables clipping
+    dropout: float = 0.1  # in the Transformer and before the head
+    patience: int = 0  # early stopping: dev evaluations without a better score before stopping (0: off)
+    label_fraction: float = 1.0  # label budget: this fraction of each class of train (nested across fractions)
+    seed: int = 42  # head init, data order, dropout and the label budget's sample
+    eval_every: int = 0  # steps between dev evaluations (0: once per epoch); always after the last step
+    log_every: int = 10
+    keep_checkpoints: int = 1  # newest K checkpoints kept besides the best (0: all)
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
+
+    def validate(self, prefix: str = "finetune") -> "FinetuneConfig":
+        for key in ("batch_size", "max_length", "log_every"):
+            if getattr(self, key) <= 0:
+                raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+        for key in ("steps", "eval_every", "patience", "keep_checkpoints", "weight_decay", "grad_clip",
+                    "generate_tokens"):
+            if getattr(self, key) < 0:
+                raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
+            raise LmforgeError(f"{prefix}.lr and {prefix}.head_lr must be positive, got {self.lr}, {self.head_lr}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise LmforgeError(f"{prefix}.layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        if self.steps == 0 and not self.epochs > 0:
+            raise LmforgeError(f"{prefix}.epochs must be positive (or set {prefix}.steps), got {self.epochs}")
+        if not 0 <= self.warmup < 1:
+            raise LmforgeError(f"{prefix}.warmup is a fraction of the steps, in [0, 1), got {self.warmup}")
+        if not 0 <= self.dropout < 1:
+            raise LmforgeError(f"{prefix}.dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.label_fraction <= 1:
+            raise LmforgeError(f"{prefix}.label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise LmforgeError(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        return self
+
+
+@dataclass
+class FinetuneRunConfig:
+    """A fine-tuned run's config.yaml: where it started, the model's shape, the task and the training."""
+
+    name: str = "finetune"
+    base_run: str = ""  # the run fine-tuned from (a pretraining run, or a fine-tuned one)
+    base_checkpoint: str = ""  # the checkpoint of base_run it started from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # labels filled in: the head's class order
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -30,7 +30,8 @@ SUFFIX_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl"}
 class Example:
     text: str
     text_pair: Optional[str]  # None for single-sentence tasks
-    label: Union[int, float]  # class index into TaskData.label_names, or the target of a regression task
+    # class index into TaskData.label_names, the target of a regression task, or a generation task's response
+    label: Union[int, float, str]
     source: str  # "path:line", for messages
 
 
@@ -52,6 +53,10 @@ class TaskData:
     @property
     def is_regression(self) -> bool:
         return self.config.kind == "regression"
+
+    @property
+    def is_generation(self) -> bool:
+        return self.config.kind == "generation"
 
     @property
     def num_outputs(self) -> int:
@@ -216,8 +221,12 @@ def read_examples(path: str | os.PathLike, config: TaskConfig,
     for row in rows:
         if not row.label:
             raise LmforgeError(f"{path}:{row.line}: {column}: the label is empty")
-    if config.kind == "regression":
-        names: list[str] = []
+    names: list[str] = []
+    if config.kind == "generation":
+
+        def target(row: _Row) -> str:
+            return row.label
+    elif config.kind == "regression":
 
         def target(row: _Row) -> float:
             try:

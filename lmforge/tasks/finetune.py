@@ -1,0 +1,507 @@
+"""Supervised fine-tuning: a run (pretrained or fine-tuned) + a labeled task -> a new run with the best dev checkpoint.
+
+The run directory mirrors a pretraining run's: config.yaml (a FinetuneRunConfig), tokenizer.json,
+metrics.jsonl, summary.json, checkpoints/step-N/ with `latest` (newest, what --resume continues)
+and `best` (the checkpoint with the best dev score, what evaluate and predict load). Batches are a
+pure function of (seed, step) and every RNG is checkpointed, so a resumed fine-tune continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tokenizers import Tokenizer
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.config import from_dict, read_yaml
+from lmforge.data.store import write_atomic
+from lmforge.data.tokenizer import eos_id, load_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.infer.generate import generate
+from lmforge.model import build_model
+from lmforge.report import plot_run
+from lmforge.run import CONFIG_FILE, TOKENIZER_FILE, load_run_config
+from lmforge.tasks.batches import (Encoded, batch_indices, collate, decode_response, encode_examples,
+                                   encode_generation, eval_batches, pad_id, steps_per_epoch, task_tokenizer)
+from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, resolve_task_config
+from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
+from lmforge.tasks.metrics import compute_metrics, is_better
+from lmforge.tasks.models import SequenceClassifier, build_task_model
+from lmforge.train.checkpoint import (Checkpoint, find_checkpoint, load_model_weights, rng_state, save_checkpoint,
+                                      set_rng_state, step_dirs)
+from lmforge.train.device import autocast, resolve_device
+from lmforge.train.metrics import MetricsWriter
+from lmforge.train.trainer import StopRequest, seed_everything
+
+BEST_FILE = "best"  # in checkpoints/, beside `latest`: names the checkpoint with the best dev score
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories
+
+
+def is_finetune_run(run_dir: str | Path) -> bool:
+    """Whether run_dir holds a fine-tuned run (its config.yaml has a `finetune` section)."""
+    path = Path(run_dir) / CONFIG_FILE
+    return path.is_file() and "finetune" in read_yaml(path)
+
+
+def load_finetune_config(run_dir: Path, overrides: Sequence[str] = ()) -> FinetuneRunConfig:
+    data = read_yaml(run_dir / CONFIG_FILE)
+    _apply_run_overrides(data, overrides)
+    config = from_dict(FinetuneRunConfig, data)
+    config.model.validate("model")
+    config.finetune.validate()
+    return config
+
+
+def _apply_run_overrides(data: dict[str, Any], overrides: Sequence[str]) -> None:
+    from lmforge.config import apply_overrides
+
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if not (key == "name" or key.startswith("finetune.")):
+            raise LmforgeError(f"--set {text!r}: a fine-tune takes name=..., finetune.KEY=... or task.KEY=... "
+                               f"(see lmforge/tasks/config.py)")
+    apply_overrides(data, list(overrides))
+
+
+def best_checkpoint(run_dir: Path) -> Checkpoint:
+    """A fine-tuned run's best checkpoint on the dev split (else its newest)."""
+    pointer = run_dir / "checkpoints" / BEST_FILE
+    name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    return find_checkpoint(run_dir, name)
+
+
+def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = (), data_root: Optional[str] = None,
+                  checkpoint: Optional[str] = None) -> FinetuneRunConfig:
+    """The resolved FinetuneRunConfig for fine-tuning base_run on task with `--set` overrides."""
+    base_run = Path(base_run)
+    task_overrides = [o.removeprefix("task.") for o in overrides if o.strip().startswith("task.")]
+    run_overrides = [o for o in overrides if not o.strip().startswith("task.")]
+    task_config = resolve_task_config(task, data_root, task_overrides)
+    if is_finetune_run(base_run):
+        base = load_finetune_config(base_run)
+        model_config = base.model
+        name = best_checkpoint(base_run).path.name if checkpoint is None else checkpoint
+    else:
+        model_config = load_run_config(base_run).model
+        name = find_checkpoint(base_run, checkpoint).path.name
+    data: dict[str, Any] = {"name": f"{task_config.name}", "base_run": str(base_run), "base_checkpoint": name,
+                            "model": dataclasses.asdict(model_config), "task": task_config.to_dict(), "finetune": {}}
+    _apply_run_overrides(data, run_overrides)
+    config = from_dict(FinetuneRunConfig, data)
+    config.finetune.validate()
+    config.model.dropout = config.finetune.dropout
+    config.model.validate("model")
+    if config.task.kind == "generation" and config.model.family != "gpt":
+        raise LmforgeError(f"task {config.task.name}: generation fine-tunes a decoder (gpt) run; "
+                           f"{base_run} is a {config.model.family} run")
+    return config
+
+
+def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData) -> None:
+    """Load the base run's weights into the new task model (init=pretrained)."""
+    base_run = Path(config.base_run)
+    ckpt = find_checkpoint(base_run, config.base_checkpoint)
+    if is_finetune_run(base_run):
+        base = load_finetune_config(base_run)
+        if base.task.kind != config.task.kind:
+            raise LmforgeError(f"{base_run} was fine-tuned for {base.task.kind}; task {task.name} is "
+                               f"{config.task.kind}; fine-tune its base run {base.base_run} instead")
+        if isinstance(model, SequenceClassifier):
+            theirs = 1 if base.task.kind == "regression" else len(base.task.labels or [])
+            if theirs != model.num_outputs:
+                raise LmforgeError(f"{base_run}'s head predicts {theirs} labels ({', '.join(base.task.labels or [])}) "
+                                   f"but task {task.name} has {model.num_outputs} ({', '.join(task.label_names)}); "
+                                   f"fine-tune from its base run {base.base_run} for a new head")
+        load_model_weights(model, ckpt.model_path)
+        return
+    pretrained = build_model(config.model)
+    load_model_weights(pretrained, ckpt.model_path)
+    target = model.backbone if isinstance(model, SequenceClassifier) else model
+    source = pretrained.bert if config.model.family == "bert" and isinstance(model, SequenceClassifier) else pretrained
+    target.load_state_dict(source.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def _depth(name: str, n_layer: int) -> int:
+    """Layer of a backbone parameter: 0 embeddings, 1..n_layer the blocks, n_layer for what sits on top."""
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if name.split(".")[0] in ("wte", "wpe", "wtt", "ln_emb") else n_layer
+
+
+def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
+    """AdamW groups: per layer a peak lr of lr * layer_lr_decay**(L - layer), the head at head_lr;
+    weight decay on matrices only. Each group's peak is kept as `peak_lr` for the schedule."""
+    n_layer = model.config.n_layer
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():  # tied parameters appear once
+        if name.startswith("head."):
+            lr = ft.head_lr if ft.head_lr is not None else ft.lr
+        else:
+            lr = ft.lr * ft.layer_lr_decay ** (n_layer - _depth(name.removeprefix("backbone."), n_layer))
+        groups.setdefault((lr, param.dim() >= 2), []).append(param)
+    return [{"params": params, "lr": lr, "peak_lr": lr, "weight_decay": ft.weight_decay if decay else 0.0}
+            for (lr, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` fraction of the steps, then linear decay to 0 (BERT's schedule)."""
+    warm = int(warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (total - step) / max(1, total - warm))
+
+
+def _optimizer(model: nn.Module, ft: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
+    kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, ft), lr=ft.lr, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, evaluation, prediction
+
+
+def task_loss(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    if kind == "generation":
+        return model(batch["input_ids"], labels=batch["labels"]).loss
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+    if kind == "regression":
+        return F.mse_loss(out.squeeze(-1), batch["labels"])
+    return F.cross_entropy(out, batch["labels"])
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, items: Sequence[Encoded], task: TaskData, pad: int, device: torch.device,
+                  precision: str = "fp32", batch_size: int = 64) -> dict[str, float]:
+    """Dev metrics: val_loss, plus val_<metric> for each of the task's metrics (generation: val_ppl)."""
+    was_training = model.training
+    model.eval()
+    kind = task.config.kind
+    loss_sum, count, outputs = 0.0, 0, {}
+    for indices in eval_batches(items, batch_size):
+        batch = {k: v.to(device) for k, v in collate([items[i] for i in indices], pad, kind == "regression").items()}
+        with autocast(device, precision):
+            if kind == "generation":
+                out = model(batch["input_ids"], labels=batch["labels"])
+                n = int((batch["labels"] != -100).sum())
+                loss_sum, count = loss_sum + float(out.loss) * n, count + n
+                continue
+            logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+        if kind == "regression":
+            loss_sum += float(F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum"))
+        else:
+            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        count += len(indices)
+        for i, row in zip(indices, logits.cpu()):
+            outputs[i] = row
+    model.train(was_training)
+    metrics = {"val_loss": loss_sum / max(1, count)}
+    if kind == "generation":
+        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        return metrics
+    stacked = torch.stack([outputs[i] for i in range(len(items))])
+    targets = np.asarray([item.target for item in items])
+    preds = stacked.squeeze(-1).numpy() if kind == "regression" else stacked.argmax(-1).numpy()
+    positive = task.positive_index if task.positive_index is not None else 1
+    metrics.update({f"val_{k}": v for k, v in compute_metrics(task.config.metrics, preds, targets, positive).items()})
+    return metrics
+
+
+def selection_score(metrics: dict[str, float], config: TaskConfig) -> float:
+    """Higher is better: the task's selection metric, or minus the dev loss for generation."""
+    if config.kind == "generation":
+        return -metrics["val_loss"]
+    return metrics[f"val_{config.select_metric}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    best_step: Optional[int] = None
+    best: dict[str, float] = field(default_factory=dict)  # dev metrics of the best checkpoint
+    stopped_early: bool = False
+    interrupted_by: Optional[int] = None
+    seconds: float = 0.0
+    train_examples: int = 0
+
+
+@dataclass
+class Prepared:
+    """A fine-tune's data, ready: the task, its encoded train (label budget applied) and dev splits."""
+
+    task: TaskData
+    tokenizer: Tokenizer  # the task tokenizer (template + truncation)
+    train: list[Encoded]
+    dev: list[Encoded]
+    pad: int
+
+
+def prepare_data(config: FinetuneRunConfig, tokenizer: Tokenizer, task: Optional[TaskData] = None) -> Prepared:
+    """Load (or take) the task, apply the label budget, and encode both splits."""
+    ft = config.finetune
+    task = task or load_task(config.task)
+    max_length = min(ft.max_length, config.model.block_size)
+    train_examples: list[Example] = task.train
+    if ft.label_fraction < 1.0:
+        train_examples = subsample(task.train, ft.label_fraction, ft.seed)
+    family = config.model.family
+    if task.is_generation:
+        encode = lambda examples: encode_generation(tokenizer, examples, max_length)  # noqa: E731
+    else:
+        tok = task_tokenizer(tokenizer, family, max_length)
+        encode = lambda examples: encode_examples(tok, examples)  # noqa: E731
+    return Prepared(task, tokenizer if task.is_generation else tok, encode(train_examples), encode(task.dev),
+                    pad_id(tokenizer, family))
+
+
+def total_steps(ft: FinetuneConfig, num_train: int) -> int:
+    return ft.steps if ft.steps > 0 else max(1, math.ceil(ft.epochs * steps_per_epoch(num_train, ft.batch_size)))
+
+
+def _start_run_dir(config: FinetuneRunConfig, run_dir: Path) -> None:
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise LmforgeError(f"{run_dir} already holds a run; continue it with lmforge finetune --resume {run_dir} "
+                           f"or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    shutil.copyfile(Path(config.base_run) / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
+
+
+def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+             task: Optional[TaskData] = None) -> FinetuneResult:
+    """Fine-tune (or continue fine-tuning) config's model on its task; writes run_dir. `task`: preloaded data."""
+    started = time.time()
+    ft = config.finetune
+    device = resolve_device(ft.device)
+    if not resume:
+        _start_run_dir(config, run_dir)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    data = prepare_data(config, tokenizer, task)
+    task = data.task
+    kind = task.config.kind
+    if not resume and task.label_names:  # record the head's class order, so the run predicts without the data
+        config.task.labels = task.label_names
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    total = total_steps(ft, len(data.train))
+    eval_every = ft.eval_every or steps_per_epoch(len(data.train), ft.batch_size)
+
+    seed_everything(ft.seed)
+    model = build_task_model(config.model, kind, task.num_outputs, ft.dropout)
+    state: dict[str, Any] = {"best_score": None, "best_step": None, "best": {}, "since_best": 0}
+    step = 0
+    if resume:
+        ckpt = find_checkpoint(run_dir)
+        load_model_weights(model, ckpt.model_path)
+        model.to(device)
+        optimizer = _optimizer(model, ft, device)
+        optimizer.load_state_dict(ckpt.optimizer_state())
+        set_rng_state(ckpt.state["rng"])
+        step = ckpt.state["step"]
+        state.update({k: ckpt.state[k] for k in state})
+        if progress:
+            print(f"resuming {run_dir} from {ckpt.path.name} (step {step} of {total})", file=sys.stderr)
+    else:
+        if ft.init == "pretrained":
+            _initial_weights(config, model, task)
+        model.to(device)
+        optimizer = _optimizer(model, ft, device)
+    if progress:
+        budget = f"{ft.label_fraction:.0%} of train: " if ft.label_fraction < 1 else ""
+        print(f"fine-tune {config.model.family} ({ft.init} init) on {task.name}: {budget}{len(data.train):,} "
+              f"examples, {total} steps of {ft.batch_size}, dev {len(data.dev):,}", file=sys.stderr)
+
+    metrics = MetricsWriter(run_dir, resume_step=step if resume else None)
+    result = FinetuneResult(run_dir, step, total, train_examples=len(data.train))
+    root = run_dir / "checkpoints"
+
+    def checkpoint() -> None:
+        try:
+            save_checkpoint(root, step, model, optimizer, {**state, "rng": rng_state(), "total_steps": total})
+            if state["best_step"] is not None:
+                write_atomic(root / BEST_FILE, f"step-{state['best_step']:06d}\n".encode("utf-8"))
+        except OSError as exc:
+            raise LmforgeError(f"could not write the step-{step} checkpoint ({exc.strerror or exc})") from None
+        keep = {f"step-{step:06d}", f"step-{state['best_step']:06d}" if state["best_step"] is not None else ""}
+        newest = [p for p in step_dirs(root) if p.name not in keep]
+        for old in newest[: len(newest) - (ft.keep_checkpoints - 1)] if ft.keep_checkpoints > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    bar = tqdm(total=total, initial=step, desc=f"finetune {task.name}", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    window_examples, window_start = 0, time.perf_counter()
+    model.train()
+    with StopRequest().installed() as stop:
+        while step < total:
+            factor = lr_factor(step, total, ft.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+            indices = batch_indices(len(data.train), ft.batch_size, ft.seed, step)
+            batch = {k: v.to(device) for k, v in collate([data.train[i] for i in indices], data.pad,
+                                                         kind == "regression").items()}
+            with autocast(device, ft.precision):
+                loss = task_loss(model, batch, kind)
+            loss.backward()
+            clip = ft.grad_clip if ft.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_examples += len(indices)
+            bar.update(1)
+            row: dict[str, Any] = {}
+            if step % ft.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "epoch": step / steps_per_epoch(len(data.train), ft.batch_size),
+                       "loss": loss.item(), "lr": optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
+                       "examples_per_s": window_examples / elapsed if elapsed > 0 else 0.0}
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                window_examples, window_start = 0, time.perf_counter()
+            evaluated = step % eval_every == 0 or step == total
+            if evaluated:
+                scores = evaluate_task(model, data.dev, task, data.pad, device, ft.precision)
+                row = {"step": step, **row, **scores}
+                score = selection_score(scores, task.config)
+                if is_better(score, state["best_score"]):
+                    state.update(best_score=score, best_step=step, best=scores, since_best=0)
+                else:
+                    state["since_best"] += 1
+                if progress:
+                    shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in scores.items())
+                    bar.write(f"step {step}: dev {shown}" + ("  (best)" if state["best_step"] == step else ""),
+                              file=sys.stderr)
+                window_start = time.perf_counter()
+            if row:
+                metrics.log(row)
+            stopping = evaluated and ft.patience > 0 and state["since_best"] >= ft.patience
+            if evaluated or stop.signum is not None or step == total:
+                checkpoint()
+                window_start = time.perf_counter()
+            if stop.signum is not None:
+                result.interrupted_by = stop.signum
+                break
+            if stopping:
+                result.stopped_early = True
+                if progress:
+                    bar.write(f"early stop: no better dev score in {ft.patience} evaluations", file=sys.stderr)
+                break
+    bar.close()
+    metrics.close()
+    result.step, result.best_step, result.best = step, state["best_step"], state["best"]
+    plot_run(run_dir)
+    result.seconds = time.time() - started
+    if result.interrupted_by is None and kind == "generation" and ft.generate_tokens > 0:
+        _write_samples(run_dir, task.dev[:8], device)
+    summary = {"task": task.name, "kind": kind, "base_run": config.base_run, "init": ft.init,
+               "label_fraction": ft.label_fraction, "train_examples": len(data.train), "step": step,
+               "total_steps": total, "best_checkpoint": f"step-{state['best_step']:06d}" if state["best_step"] else None,
+               "select_metric": "loss" if kind == "generation" else task.config.select_metric,
+               "dev": {k.removeprefix("val_"): v for k, v in state["best"].items()},
+               "stopped_early": result.stopped_early, "interrupted": result.interrupted_by is not None,
+               "seconds": round(result.seconds, 1)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a fine-tuned run
+
+
+@dataclass
+class LoadedFinetune:
+    config: FinetuneRunConfig
+    tokenizer: Tokenizer
+    model: nn.Module
+    checkpoint: Checkpoint
+
+
+def load_finetuned(run_dir: str | Path, checkpoint: Optional[str] = None,
+                   device: str | torch.device = "cpu") -> LoadedFinetune:
+    """A fine-tuned run's config, tokenizer and model (its best checkpoint by default), in eval mode."""
+    run_dir = Path(run_dir)
+    config = load_finetune_config(run_dir)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    ckpt = best_checkpoint(run_dir) if checkpoint is None else find_checkpoint(run_dir, checkpoint)
+    outputs = 1 if config.task.kind == "regression" else len(config.task.labels or [])
+    model = build_task_model(config.model, config.task.kind, outputs, 0.0)
+    load_model_weights(model, ckpt.model_path)
+    model.to(device).eval()
+    return LoadedFinetune(config, tokenizer, model, ckpt)
+
+
+def evaluate_finetuned(run_dir: str | Path, checkpoint: Optional[str] = None, device: str = "auto",
+                       progress: bool = False) -> tuple[LoadedFinetune, dict[str, float]]:
+    """Dev metrics of a fine-tuned run's checkpoint, recomputed from the task's dev file."""
+    dev = resolve_device(device)
+    run = load_finetuned(run_dir, checkpoint, dev)
+    data = prepare_data(dataclasses.replace(run.config, finetune=dataclasses.replace(run.config.finetune,
+                                                                                     label_fraction=1.0)),
+                        run.tokenizer)
+    return run, evaluate_task(run.model, data.dev, data.task, data.pad, dev, run.config.finetune.precision)
+
+
+@torch.no_grad()
+def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]]) -> list[dict[str, Any]]:
+    """Per input: {label, probabilities} (classification), {score} (regression) or {response} (generation)."""
+    config, device = run.config, next(run.model.parameters()).device
+    max_length = min(config.finetune.max_length, config.model.block_size)
+    if config.task.kind == "generation":
+        out = []
+        eos = eos_id(run.tokenizer)
+        for prompt, _ in texts:
+            ids = run.tokenizer.encode(prompt, add_special_tokens=False).ids[-(max_length - 1):] or [eos]
+            room = max(0, config.model.block_size - len(ids))
+            generated = generate(run.model, torch.tensor([ids], device=device),
+                                 min(config.finetune.generate_tokens, room), temperature=0.0, stop_token=eos)
+            out.append({"prompt": prompt, "response": decode_response(run.tokenizer, generated[0, len(ids):].tolist(),
+                                                                      eos)})
+        return out
+    pair_task = config.task.text_pair is not None
+    for text, pair in texts:
+        if (pair is not None) != pair_task:
+            raise LmforgeError(f"task {config.task.name} takes {'a pair of texts' if pair_task else 'one text'} "
+                               f"per input; got {'two' if pair is not None else 'one'}")
+    tok = task_tokenizer(run.tokenizer, config.model.family, max_length)
+    items = encode_examples(tok, [Example(t, p, 0, "input") for t, p in texts])
+    batch = {k: v.to(device) for k, v in collate(items, pad_id(run.tokenizer, config.model.family)).items()}
+    logits = run.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float().cpu()
+    if config.task.kind == "regression":
+        return [{"score": float(v)} for v in logits.squeeze(-1)]
+    probs = torch.softmax(logits, -1)
+    names = config.task.labels or []
+    return [{"label": names[int(p.argmax())], "probabilities": {n: float(v) for n, v in zip(names, p)}} for p in probs]
+
+
+def _write_samples(run_dir: Path, examples: Sequence[Example], device: torch.device) -> None:
+    """Greedy responses of the best checkpoint to the first dev prompts, beside the references."""
+    run = load_finetuned(run_dir, device=device)
+    answers = predict(run, [(e.text, None) for e in examples])
+    lines = [json.dumps({"prompt": e.text, "reference": e.label, "response": a["response"]}) for e, a in
+             zip(examples, answers)]
+    (run_dir / "samples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

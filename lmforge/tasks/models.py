@@ -1,0 +1,67 @@
+"""Task models over a pretrained stack: sequence classification / regression for encoders and decoders.
+
+BERT is classified on its pooled [CLS] vector (the pooler pretrained by next-sentence prediction);
+a GPT on its final hidden state at the last real token, the only position that has read the whole
+input. Generation fine-tunes the GPT itself, so it needs no wrapper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.model import build_model
+from lmforge.model.config import ModelConfig
+from lmforge.model.heads import ClassificationHead
+from lmforge.model.transformer import GPT, init_weights
+
+
+def decoder_hidden(gpt: GPT, input_ids: torch.Tensor) -> torch.Tensor:
+    """A GPT's final (LayerNormed) hidden states, (batch, length, d_model): its forward pass without the LM head."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    x = gpt.drop(gpt.wte(input_ids) + gpt.wpe(pos))
+    for block in gpt.blocks:
+        x, _ = block(x)
+    return gpt.ln_f(x)
+
+
+class SequenceClassifier(nn.Module):
+    """A Transformer stack + ClassificationHead: class logits, or one score for regression."""
+
+    def __init__(self, backbone: nn.Module, num_outputs: int, dropout: float):
+        super().__init__()
+        self.config: ModelConfig = backbone.config
+        self.backbone = backbone  # BertEncoder (bert) or GPT (gpt)
+        self.head = ClassificationHead(self.config.d_model, num_outputs, dropout)
+        self.head.apply(lambda m: init_weights(m, self.config))
+
+    @property
+    def num_outputs(self) -> int:
+        return self.head.out.out_features
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, length) inputs, right-padded; attention_mask 1 for real tokens. Returns (batch, num_outputs)."""
+        if self.config.family == "bert":
+            _, features = self.backbone(input_ids, token_type_ids, attention_mask)
+        else:
+            # Right padding and causal attention: real positions never see the pads, so no mask is needed.
+            hidden = decoder_hidden(self.backbone, input_ids)
+            last = (attention_mask.sum(1) - 1 if attention_mask is not None
+                    else torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device))
+            features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(features)
+
+
+def build_task_model(config: ModelConfig, kind: str, num_outputs: int, dropout: float) -> nn.Module:
+    """A freshly initialised task model: SequenceClassifier, or the GPT itself for generation."""
+    pretraining_model = build_model(config)
+    if kind == "generation":
+        return pretraining_model
+    backbone = pretraining_model.bert if config.family == "bert" else pretraining_model
+    return SequenceClassifier(backbone, num_outputs, dropout)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The pretrained stack inside a task model (the model itself for generation)."""
+    return model.backbone if isinstance(model, SequenceClassifier) else model
