@@ -242,10 +242,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lmforge.interop.hf_export import export_run
 
     result = export_run(Path(args.run), Path(args.out), args.checkpoint)
-    auto = "AutoModelForCausalLM" if result.architecture.startswith("GPT2") else "AutoModelForPreTraining"
     print(f"exported {args.run} ({result.checkpoint}) as {result.architecture} -> {result.out}: "
           f"{', '.join(result.files)}")
-    print(f'load with: transformers.{auto}.from_pretrained("{result.out}") and '
+    print(f'load with: transformers.{result.auto_class}.from_pretrained("{result.out}") and '
           f'AutoTokenizer.from_pretrained("{result.out}")')
     return 0
 
@@ -254,6 +253,22 @@ def cmd_import(args: argparse.Namespace) -> int:
     from lmforge.interop.hf_import import describe, import_hf
 
     print(describe(import_hf(Path(args.hf_dir), Path(args.out), args.config, args.overrides)))
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from lmforge.tasks.experiment import load_experiment, run_experiment
+
+    overrides = list(args.overrides)
+    if args.tasks:
+        overrides.append(f"tasks=[{args.tasks}]")
+    if args.fractions:
+        overrides.append(f"fractions=[{args.fractions}]")
+    config = load_experiment(args.config, overrides)
+    out = Path(args.out or Path("runs") / f"{config.name}-{Path(args.run).name}")
+    rows = run_experiment(args.run, config, out, args.glue_root)
+    print((out / "results.md").read_text(encoding="utf-8"))
+    print(f"{len(rows)} fine-tuned runs, table and plot in {out} (results.md, results.png)")
     return 0
 
 
@@ -348,6 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="run directory to create")
     _add_config_args(p)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("experiment", help="does pretraining pay? fine-tune from a pretrained run and from random "
+                       "init at several label budgets: table + plot")
+    p.add_argument("run", help="the pretraining run")
+    p.add_argument("--config", "-c", default="finetune-pretrain-value",
+                   help="experiment recipe: tasks, fractions, finetune settings (default: finetune-pretrain-value)")
+    p.add_argument("--tasks", help="comma-separated task directories or GLUE names, e.g. sst2,mrpc")
+    p.add_argument("--fractions", help="comma-separated label budgets, e.g. 0.1,0.3,1.0")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set finetune.steps=100 (repeatable)")
+    p.add_argument("--glue-root", help="where GLUE task names are looked up (default: ../shared/data/glue)")
+    p.add_argument("--out", help="experiment directory (default: runs/NAME-RUN); re-running continues it")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("report", help="plots and a summary of a run, or of a token store (curation)")
     p.add_argument("run", help="run directory or token store directory")

@@ -239,3 +239,23 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_experiment_compares_pretrained_and_random_init_per_budget(tmp_path, capsys):
+    base = make_base_run(tmp_path)
+    task = make_task(tmp_path, SENTIMENT)
+    out = tmp_path / "exp"
+    argv = ["experiment", str(base), "--tasks", str(task), "--fractions", "0.5,1.0", "--out", str(out),
+            "--set", "finetune.steps=3", "--set", "finetune.batch_size=4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["fraction"], r["init"], r["labels"]) for r in rows] == [
+        (0.5, "pretrained", 8), (0.5, "random", 8), (1.0, "pretrained", 16), (1.0, "random", 16)]
+    assert (out / "results.png").is_file() and "| sent | 50% | 8 | accuracy |" in printed
+    cell = yaml.safe_load((out / "sent-f0.5-random" / "config.yaml").read_text())
+    assert cell["finetune"]["init"] == "random" and cell["finetune"]["steps"] == 3
+    # Re-running reuses the finished cells.
+    stamp = (out / "sent-f1-pretrained" / "summary.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "sent-f1-pretrained" / "summary.json").stat().st_mtime_ns == stamp

@@ -88,8 +88,9 @@ def best_checkpoint(run_dir: Path) -> Checkpoint:
 
 
 def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = (), data_root: Optional[str] = None,
-                  checkpoint: Optional[str] = None) -> FinetuneRunConfig:
-    """The resolved FinetuneRunConfig for fine-tuning base_run on task with `--set` overrides."""
+                  checkpoint: Optional[str] = None, finetune: Optional[FinetuneConfig] = None) -> FinetuneRunConfig:
+    """The resolved FinetuneRunConfig for fine-tuning base_run on task: `finetune` (default: the
+    defaults), then `--set` overrides."""
     base_run = Path(base_run)
     task_overrides = [o.removeprefix("task.") for o in overrides if o.strip().startswith("task.")]
     run_overrides = [o for o in overrides if not o.strip().startswith("task.")]
@@ -102,7 +103,8 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
         model_config = load_run_config(base_run).model
         name = find_checkpoint(base_run, checkpoint).path.name
     data: dict[str, Any] = {"name": f"{task_config.name}", "base_run": str(base_run), "base_checkpoint": name,
-                            "model": dataclasses.asdict(model_config), "task": task_config.to_dict(), "finetune": {}}
+                            "model": dataclasses.asdict(model_config), "task": task_config.to_dict(),
+                            "finetune": dataclasses.asdict(finetune) if finetune is not None else {}}
     _apply_run_overrides(data, run_overrides)
     config = from_dict(FinetuneRunConfig, data)
     config.finetune.validate()

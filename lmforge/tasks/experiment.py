@@ -1,0 +1,142 @@
+"""Does pretraining pay? The same model fine-tuned from the pretrained checkpoint and from random init,
+at several label budgets, on several tasks: a table and a plot of dev metric against labels used.
+
+Every cell is an ordinary fine-tuned run under OUT/ (TASK-fFRACTION-INIT/), so any of them can be
+evaluated, predicted with or resumed on its own; re-running the command skips finished cells and
+continues an interrupted one. Each cell trains the same number of optimizer steps, so the budget
+changes only how many distinct labeled examples those steps draw from.
+"""
+
+from __future__ import annotations
+
+import json
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lmforge.config import apply_overrides, from_dict, read_yaml, resolve_recipe
+from lmforge.errors import LmforgeError
+from lmforge.tasks.config import FinetuneConfig, resolve_task_config
+from lmforge.tasks.datasets import load_task
+from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
+
+INITS = ("pretrained", "random")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "pretrain-value"
+    tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc"])  # task directories or GLUE names
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # label budgets, of each class
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the same for every cell
+
+    def validate(self) -> "ExperimentConfig":
+        if not self.tasks:
+            raise LmforgeError("tasks: give at least one task")
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise LmforgeError(f"fractions must be in (0, 1], got {self.fractions}")
+        self.finetune.validate()
+        return self
+
+
+def load_experiment(recipe: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """A recipe (path or shipped name, e.g. finetune-pretrain-value) with `--set` overrides."""
+    path = resolve_recipe(recipe)
+    data = apply_overrides(read_yaml(path), list(overrides))
+    data.setdefault("name", path.stem)
+    return from_dict(ExperimentConfig, data).validate()
+
+
+def _cell_name(task: str, fraction: float, init: str) -> str:
+    return f"{task}-f{fraction:g}-{init}"
+
+
+def _finished(run_dir: Path) -> Optional[dict[str, Any]]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return None if summary.get("interrupted") else summary
+
+
+def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
+                   data_root: Optional[str] = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Fine-tune every (task, fraction, init) cell into out/; returns one result row per cell."""
+    if is_finetune_run(pretrained):
+        raise LmforgeError(f"{pretrained} is a fine-tuned run; the experiment starts from a pretraining run")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for task_name in config.tasks:
+        task, short_name = None, resolve_task_config(task_name, data_root).name
+        for fraction in config.fractions:
+            for init in INITS:
+                run_dir = out / _cell_name(short_name, fraction, init)
+                summary = _finished(run_dir)
+                if summary is None:
+                    if task is None:
+                        task = load_task(task_name, data_root)
+                    resume = (run_dir / "checkpoints" / "latest").is_file()
+                    if resume:
+                        cell = load_finetune_config(run_dir)
+                    else:
+                        recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction)
+                        cell = plan_finetune(pretrained, task_name, data_root=data_root, finetune=recipe)
+                    if progress:
+                        print(f"[{run_dir.name}]", file=sys.stderr)
+                    result = finetune(cell, run_dir, resume=resume, progress=progress, task=task)
+                    if result.interrupted_by is not None:
+                        raise KeyboardInterrupt
+                    summary = _finished(run_dir)
+                metric = summary["select_metric"]
+                rows.append({"task": summary["task"], "fraction": fraction, "init": init,
+                             "labels": summary["train_examples"], "metric": metric,
+                             "score": summary["dev"][metric], "dev": summary["dev"], "steps": summary["step"],
+                             "seconds": summary["seconds"], "run": str(run_dir)})
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (out / "results.md").write_text(results_table(rows, config, pretrained) + "\n", encoding="utf-8")
+    plot_results(rows, out / "results.png")
+    return rows
+
+
+def results_table(rows: Sequence[dict[str, Any]], config: ExperimentConfig, pretrained: str | Path) -> str:
+    """Markdown: per task and budget, the dev metric from pretrained and from random init, and the gain."""
+    ft = config.finetune
+    lines = [f"Dev metric after fine-tuning from `{pretrained}` vs from random init (same shape, tokenizer and "
+             f"recipe: {ft.steps or f'{ft.epochs:g} epochs'} steps of {ft.batch_size}, lr {ft.lr:g}, "
+             f"max_length {ft.max_length}, best dev checkpoint).", "",
+             "| task | budget | labels | metric | pretrained | random init | gain |", "|---|---|---|---|---|---|---|"]
+    cells = {(r["task"], r["fraction"], r["init"]): r for r in rows}
+    for (task, fraction, init), row in cells.items():
+        if init != "pretrained" or (task, fraction, "random") not in cells:
+            continue
+        other = cells[(task, fraction, "random")]
+        lines.append(f"| {task} | {fraction:.0%} | {row['labels']:,} | {row['metric']} | {row['score']:.3f} | "
+                     f"{other['score']:.3f} | {row['score'] - other['score']:+.3f} |")
+    total = sum(r["seconds"] for r in rows)
+    lines += ["", f"{len(rows)} fine-tunes, {total / 60:.1f} minutes in all."]
+    return "\n".join(lines)
+
+
+def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """One panel per task: dev metric against labels used (log scale), pretrained vs random init."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for init, style in zip(INITS, ("o-", "s--")):
+            points = sorted((r["labels"], r["score"]) for r in rows if r["task"] == task and r["init"] == init)
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{init} init")
+        metric = next(r["metric"] for r in rows if r["task"] == task)
+        ax.set(xscale="log", xlabel="labeled examples used", ylabel=f"dev {metric}", title=task)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
