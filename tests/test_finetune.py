@@ -216,6 +216,7 @@ def test_label_count_mismatch_with_a_finetuned_head_is_a_clear_error(tmp_path, c
     assert main(["finetune", str(run), "--task", str(three), "--out", str(tmp_path / "again")]) == 2
     err = capsys.readouterr().err
     assert "head predicts 2 labels (neg, pos)" in err and "has 3 (meh, neg, pos)" in err and "Traceback" not in err
+    assert not (tmp_path / "again").exists()
     # The same label count continues from the fine-tuned head.
     assert main(["finetune", str(run), "--task", str(two), "--out", str(tmp_path / "more"),
                  "--set", "finetune.steps=2"]) == 0

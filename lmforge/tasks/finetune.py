@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.config import from_dict, read_yaml
+from lmforge.config import apply_overrides, from_dict, read_yaml
 from lmforge.data.store import write_atomic
 from lmforge.data.tokenizer import eos_id, load_tokenizer
 from lmforge.errors import LmforgeError
@@ -70,8 +70,6 @@ def load_finetune_config(run_dir: Path, overrides: Sequence[str] = ()) -> Finetu
 
 
 def _apply_run_overrides(data: dict[str, Any], overrides: Sequence[str]) -> None:
-    from lmforge.config import apply_overrides
-
     for text in overrides:
         key = text.split("=", 1)[0].strip()
         if not (key == "name" or key.startswith("finetune.")):
@@ -287,10 +285,13 @@ def total_steps(ft: FinetuneConfig, num_train: int) -> int:
     return ft.steps if ft.steps > 0 else max(1, math.ceil(ft.epochs * steps_per_epoch(num_train, ft.batch_size)))
 
 
-def _start_run_dir(config: FinetuneRunConfig, run_dir: Path) -> None:
+def _check_new_run_dir(run_dir: Path) -> None:
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise LmforgeError(f"{run_dir} already holds a run; continue it with lmforge finetune --resume {run_dir} "
                            f"or choose another --out")
+
+
+def _start_run_dir(config: FinetuneRunConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     shutil.copyfile(Path(config.base_run) / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
@@ -303,14 +304,13 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
     ft = config.finetune
     device = resolve_device(ft.device)
     if not resume:
-        _start_run_dir(config, run_dir)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+        _check_new_run_dir(run_dir)
+    tokenizer = load_tokenizer((run_dir if resume else Path(config.base_run)) / TOKENIZER_FILE)
     data = prepare_data(config, tokenizer, task)
     task = data.task
     kind = task.config.kind
-    if not resume and task.label_names:  # record the head's class order, so the run predicts without the data
+    if task.label_names:  # record the head's class order, so the run predicts without the data
         config.task.labels = task.label_names
-        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     total = total_steps(ft, len(data.train))
     eval_every = ft.eval_every or steps_per_epoch(len(data.train), ft.batch_size)
 
@@ -332,6 +332,7 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
     else:
         if ft.init == "pretrained":
             _initial_weights(config, model, task)
+        _start_run_dir(config, run_dir)  # only now: a task that does not fit leaves nothing behind
         model.to(device)
         optimizer = _optimizer(model, ft, device)
     if progress:
@@ -381,7 +382,7 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
             if step % ft.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "epoch": step / steps_per_epoch(len(data.train), ft.batch_size),
-                       "loss": loss.item(), "lr": optimizer.param_groups[-1]["lr"], "grad_norm": grad_norm,
+                       "loss": loss.item(), "lr": ft.lr * factor, "grad_norm": grad_norm,
                        "examples_per_s": window_examples / elapsed if elapsed > 0 else 0.0}
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 window_examples, window_start = 0, time.perf_counter()
