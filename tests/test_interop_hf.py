@@ -13,7 +13,6 @@ from lmforge.config import Config, DataConfig, TokenizerConfig, dump_config
 from lmforge.data.tokenizer import EOS, train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import generate
-from lmforge.interop.hf import bert_classifier_to_hf
 from lmforge.interop.hf_export import export_run
 from lmforge.interop.hf_import import import_hf
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer, write_tokenizer_files
@@ -184,23 +183,6 @@ def test_bias_free_gpt_exports_with_zero_biases(tmp_path):
     ids, _, attention = _padded_batch(ours.config.vocab_size)
     with torch.no_grad():
         assert _max_diff(ours(ids).logits, theirs(input_ids=ids).logits, attention.bool()) < TOL
-
-
-def test_bert_classifier_exports_as_sequence_classification_with_label_names(tmp_path):
-    models = pytest.importorskip("lmforge.tasks.models")
-    tokenizer = _tokenizer("bert")
-    config = _model_config("bert", tokenizer.get_vocab_size())
-    ours = _randomise(models.build_task_model(config, "classification", 3, 0.0)).eval()
-    labels = ["negative", "neutral", "positive"]
-    hf_config, state = bert_classifier_to_hf(config, ours.state_dict(), labels)
-    theirs = transformers.BertForSequenceClassification(transformers.BertConfig(**hf_config)).eval()
-    missing, unexpected = theirs.load_state_dict(state, strict=False)
-    assert not missing and not unexpected
-    assert theirs.config.id2label == dict(enumerate(labels))
-    ids, types, attention = _padded_batch(config.vocab_size)
-    with torch.no_grad():
-        assert (ours(ids, types, attention) - theirs(input_ids=ids, token_type_ids=types,
-                                                     attention_mask=attention).logits).abs().max() < TOL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,3 +389,74 @@ def test_import_refuses_untied_output_layer_and_missing_special_tokens(tmp_path)
     write_tokenizer_files(_tokenizer("bert"), "bert", directory, 24)  # a tokenizer with no <|endoftext|>
     with pytest.raises(LmforgeError, match=r"has no <\|endoftext\|>, which lmforge's gpt runs need"):
         import_hf(directory, tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Imported runs through the CLI
+
+
+def test_imported_runs_generate_evaluate_fill_mask_and_continue_pretraining(tmp_path, corpus_file, capsys):
+    from safetensors.torch import load_file
+
+    from lmforge.cli import main
+
+    settings = [f"data.corpus={corpus_file}", "train.steps=2", "train.batch_size=2", "train.lr=1e-6",
+                "train.min_lr=1e-7", "train.warmup_steps=0", "train.eval_every=2", "train.eval_batches=1",
+                "train.checkpoint_every=2", "train.sample_tokens=0", "mlm.next_sentence=false"]
+    sets = sum((["--set", s] for s in settings), [])
+    for family, model in (("gpt", _gpt2("GPT2Model")), ("bert", _bert("BertModel"))):
+        run = tmp_path / f"run-{family}"
+        assert main(["import", str(_hf_dir(tmp_path, model, family, f"hf-{family}")), str(run), *sets]) == 0
+        printed = capsys.readouterr().out
+        assert f"lmforge pretrain --resume {run}" in printed
+        if family == "gpt":
+            assert main(["generate", str(run), "--prompt", "The quick", "--max-new-tokens", "5",
+                         "--temperature", "0"]) == 0
+            assert capsys.readouterr().out.startswith("The quick")
+        else:
+            assert "initialised at random: mlm head, nsp head" in printed
+            assert main(["fill-mask", str(run), "the quick [MASK] fox", "--top-k", "2", "--json"]) == 0
+            assert len(json.loads(capsys.readouterr().out)[0]) == 2
+        assert main(["evaluate", str(run), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["loss"] > 0
+        assert main(["pretrain", "--resume", str(run)]) == 0
+        before = load_file(run / "checkpoints" / "step-000000" / "model.safetensors")
+        after = load_file(run / "checkpoints" / "step-000002" / "model.safetensors")
+        # two AdamW steps at lr 1e-6 from the imported weights, not from a new initialisation
+        assert before.keys() == after.keys()
+        assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-4
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_finetuned_bert_classifier_run_exports_with_its_label_names(tmp_path, capsys):
+    finetune = pytest.importorskip("lmforge.tasks.finetune")
+    import yaml
+
+    from lmforge.cli import main
+    from lmforge.tasks.config import FinetuneRunConfig, TaskConfig
+    from lmforge.tasks.models import build_task_model
+
+    # a fine-tuned run as `lmforge finetune` leaves it: config.yaml with a finetune section, a classifier checkpoint
+    labels = ["neg", "neutral", "pos"]
+    tokenizer = _tokenizer("bert")
+    config = FinetuneRunConfig(name="sent", base_run=str(tmp_path / "base"), base_checkpoint="step-000010",
+                               model=_model_config("bert", tokenizer.get_vocab_size()),
+                               task=TaskConfig(name="sent", path=str(tmp_path), labels=labels))
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tokenizer.save(str(run / "tokenizer.json"))
+    save_checkpoint(run / "checkpoints", 2, _randomise(build_task_model(config.model, "classification", 3, 0.0)),
+                    None, {})
+
+    assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert "AutoModelForSequenceClassification" in capsys.readouterr().out
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = finetune.load_finetuned(run)
+    assert theirs.config.id2label == dict(enumerate(labels))
+    batch = hf_tokenizer(["a great film", "Превосходно!", "naïve café"], ["yes", "no", "maybe not"], padding=True,
+                         return_tensors="pt")
+    with torch.no_grad():
+        mine = ours.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        assert (mine - theirs(**batch).logits).abs().max() < TOL

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -75,6 +75,9 @@ def bert_layout(n_layer: int) -> list[Mapped]:
 
 def layout(config: ModelConfig) -> list[Mapped]:
     return gpt_layout(config.n_layer) if config.family == "gpt" else bert_layout(config.n_layer)
+
+
+POSITIONS = {"gpt": "wpe.weight", "bert": "bert.wpe.weight"}  # our position-embedding table, (block_size, d_model)
 
 
 # Tensors transformers may store twice (tied): the copy -> the tensor it must equal.
@@ -280,14 +283,12 @@ class ImportedState:
 
 
 def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
-                  positions: Optional[int] = None) -> ImportedState:
+                  shapes: Mapping[str, tuple[int, ...]]) -> ImportedState:
     """transformers state dict (the architectures in SUPPORTED) -> ours, checked against `config`.
 
+    shapes: our tensors' shapes as config.json implies them (those of the model to be loaded).
     Heads the checkpoint lacks (a BertModel has no MLM / NSP head, a BertForMaskedLM no pooler or NSP
-    head) are reported in missing_parts, not filled. positions: keep only the first N position
-    embeddings (a shorter model.block_size than the checkpoint's)."""
-    from lmforge.model import build_model  # shapes only, on the meta device: nothing is allocated
-
+    head) are reported in missing_parts, not filled."""
     state = _with_full_names(state, config.family)
     for copy, source in TIED[config.family].items():
         if copy not in state:
@@ -298,11 +299,6 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
             raise LmforgeError(f"{copy} differs from {source}: the checkpoint's output layer is not tied to "
                                f"its input embeddings, and lmforge's are (weight tying)")
         state.pop(copy)
-    position_key = "transformer.wpe.weight" if config.family == "gpt" else "bert.embeddings.position_embeddings.weight"
-    if positions is not None and position_key in state:
-        state[position_key] = state[position_key][:positions]
-    with torch.device("meta"):
-        expected = build_model(config).state_dict()
 
     out, missing_parts, missing, wrong = {}, [], [], []
     used: set[str] = set()
@@ -314,7 +310,7 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
             elif entry.part not in missing_parts:
                 missing_parts.append(entry.part)
             continue
-        ours_shape = tuple(expected[entry.ours].shape)
+        ours_shape = tuple(shapes[entry.ours])
         part_shape = (ours_shape[0] // len(entry.theirs), *ours_shape[1:])
         their_shape = part_shape[::-1] if entry.transpose else part_shape
         bad = [f"{name} is {tuple(state[name].shape)}, config.json implies {their_shape}"

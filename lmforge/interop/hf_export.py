@@ -1,8 +1,9 @@
 """`lmforge export RUN --to hf OUT`: a run's checkpoint as a transformers model directory.
 
 GPT runs -> GPT2LMHeadModel, BERT runs -> BertForPreTraining (which BertForMaskedLM and
-BertForSequenceClassification also load), each with config.json, model.safetensors and the
-tokenizer files; GPT runs also get generation_config.json. Nothing here needs transformers installed.
+BertForSequenceClassification also load), fine-tuned BERT classifiers -> BertForSequenceClassification
+with their label names; each with config.json, model.safetensors and the tokenizer files, GPT models
+also with generation_config.json. Nothing here needs transformers installed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from lmforge.interop.hf_tokenizer import write_tokenizer_files
 from lmforge.model.config import ModelConfig
 
 ARCHITECTURE = {"gpt": "GPT2LMHeadModel", "bert": "BertForPreTraining"}
+AUTO_CLASS = {"GPT2LMHeadModel": "AutoModelForCausalLM", "BertForPreTraining": "AutoModelForPreTraining",
+              "BertForSequenceClassification": "AutoModelForSequenceClassification"}
 
 
 @dataclass
@@ -33,6 +36,11 @@ class Exported:
     architecture: str
     checkpoint: str
     files: list[str]
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers Auto class that loads it."""
+        return AUTO_CLASS[self.architecture]
 
 
 def _json(path: Path, data: dict[str, Any]) -> None:
@@ -95,9 +103,20 @@ def export_classifier(config: ModelConfig, state: dict[str, torch.Tensor], label
 
 
 def export_run(run_dir: Path, out: Path, checkpoint: Optional[str] = None) -> Exported:
-    """A pretraining run's newest (or named) checkpoint -> a transformers directory at `out`."""
+    """A run's newest (or named) checkpoint -> a transformers directory at `out`. A fine-tuned run
+    (lmforge finetune) exports its best checkpoint: a classifier with its label names, or its GPT."""
     from lmforge.run import load_run
+    from lmforge.tasks.finetune import is_finetune_run, load_finetuned
 
+    if is_finetune_run(run_dir):
+        tuned = load_finetuned(run_dir, checkpoint)
+        config, task = tuned.config.model, tuned.config.task
+        if task.kind == "generation":
+            files = export_model(config, tuned.model.state_dict(), tuned.tokenizer, out)
+            return Exported(out, ARCHITECTURE[config.family], tuned.checkpoint.path.name, files)
+        labels = [task.name] if task.kind == "regression" else list(task.labels or [])
+        files = export_classifier(config, tuned.model.state_dict(), labels, tuned.tokenizer, out)
+        return Exported(out, "BertForSequenceClassification", tuned.checkpoint.path.name, files)
     run = load_run(run_dir, checkpoint)
     if run.config.model.family not in ARCHITECTURE:
         raise LmforgeError(f"no transformers export for model.family={run.config.model.family} "

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import architecture_of, config_from_hf, state_from_hf
+from lmforge.interop.hf import POSITIONS, architecture_of, config_from_hf, state_from_hf
 from lmforge.interop.hf_tokenizer import read_json, read_hf_tokenizer
 from lmforge.model.config import ModelConfig
 
@@ -117,6 +117,7 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     recipe: the YAML recipe whose data / train / mlm sections the run uses (default: the built-in one);
     overrides: --set values, e.g. data.corpus=... or model.block_size=128."""
     from lmforge.model import build_model
+    from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
     from lmforge.train.checkpoint import rng_state, save_checkpoint
     from lmforge.train.optim import build_optimizer
     from lmforge.train.trainer import seed_everything
@@ -141,14 +142,15 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values() if t.is_floating_point()})
     if dtypes != ["float32"]:
         notes.append(f"weights converted from {', '.join(dtypes)} to float32")
-    imported = state_from_hf(hf_state, source_model)
-    if config.model.block_size < source_model.block_size:
-        key = "wpe.weight" if source_model.family == "gpt" else "bert.wpe.weight"
-        imported.state[key] = imported.state[key][: config.model.block_size].clone()
-        notes.append(f"position embeddings cut to the first {config.model.block_size} of {source_model.block_size}")
-
     seed_everything(config.train.seed)  # what a new run does first: the initialised heads are reproducible
     model = build_model(config.model)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    position = POSITIONS[source_model.family]
+    shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
+    imported = state_from_hf(hf_state, source_model, shapes)
+    if config.model.block_size < source_model.block_size:
+        imported.state[position] = imported.state[position][: config.model.block_size].clone()
+        notes.append(f"position embeddings cut to the first {config.model.block_size} of {source_model.block_size}")
     model.load_state_dict(imported.state, strict=False)
     optimizer = build_optimizer(model, config.train, torch.device("cpu"))
 
@@ -156,8 +158,6 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
-
         dump_config(config, tmp / CONFIG_FILE)
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         save_checkpoint(tmp / "checkpoints", 0, model, optimizer, {
