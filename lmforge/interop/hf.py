@@ -276,6 +276,10 @@ def _with_full_names(state: dict[str, torch.Tensor], family: str) -> dict[str, t
     return {k if k.startswith(("cls.", "lm_head.")) else prefix + k: v for k, v in state.items()}
 
 
+def _first(items: list[str], n: int, sep: str) -> str:
+    return sep.join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
 @dataclass
 class ImportedState:
     state: dict[str, torch.Tensor]  # ours, float32
@@ -315,23 +319,18 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
         their_shape = part_shape[::-1] if entry.transpose else part_shape
         bad = [f"{name} is {tuple(state[name].shape)}, config.json implies {their_shape}"
                for name in entry.theirs if tuple(state[name].shape) != their_shape]
+        used.update(entry.theirs)
         if bad:
             wrong += bad
             continue
         parts = [state[name].t() if entry.transpose else state[name] for name in entry.theirs]
         out[entry.ours] = torch.cat(parts, dim=0).to(torch.float32).contiguous()
-        used.update(entry.theirs)
     unexpected = [k for k in state if k not in used and not IGNORED.search(k)]
-    if wrong or missing or unexpected:
-        parts = []
-        if wrong:
-            parts.append("shape differs: " + "; ".join(wrong[:3]) + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
-        if missing:
-            parts.append(f"missing: {', '.join(missing[:4])}" + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""))
-        if unexpected:
-            parts.append(f"not described by config.json: {', '.join(unexpected[:4])}"
-                         + (f" (and {len(unexpected) - 4} more)" if len(unexpected) > 4 else ""))
-        raise LmforgeError("the weights do not match config.json (" + " | ".join(parts) + ")")
+    problems = [f"{what}: {_first(items, n, sep)}" for what, items, n, sep in (
+        ("shape differs", wrong, 3, "; "), ("missing", missing, 4, ", "),
+        ("not described by config.json", unexpected, 4, ", ")) if items]
+    if problems:
+        raise LmforgeError("the weights do not match config.json (" + " | ".join(problems) + ")")
     return ImportedState(out, missing_parts)
 
 
