@@ -428,7 +428,7 @@ def test_imported_runs_generate_evaluate_fill_mask_and_continue_pretraining(tmp_
         assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_finetuned_bert_classifier_run_exports_with_its_label_names(tmp_path, capsys):
+def test_finetuned_runs_export_as_classifier_with_label_names_or_as_gpt2(tmp_path, capsys):
     finetune = pytest.importorskip("lmforge.tasks.finetune")
     import yaml
 
@@ -460,3 +460,20 @@ def test_finetuned_bert_classifier_run_exports_with_its_label_names(tmp_path, ca
     with torch.no_grad():
         mine = ours.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         assert (mine - theirs(**batch).logits).abs().max() < TOL
+
+    # a generation fine-tune is a GPT: it exports as GPT2LMHeadModel
+    tokenizer = _tokenizer("gpt")
+    config = FinetuneRunConfig(name="qa", base_run=str(tmp_path / "base"), base_checkpoint="step-000010",
+                               model=_model_config("gpt", tokenizer.get_vocab_size()),
+                               task=TaskConfig(name="qa", path=str(tmp_path), kind="generation"))
+    run = tmp_path / "ft-gpt"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tokenizer.save(str(run / "tokenizer.json"))
+    save_checkpoint(run / "checkpoints", 2, _randomise(build_task_model(config.model, "generation", 0, 0.0)), None, {})
+    assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf-gpt")]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-gpt").eval()
+    ids, _, attention = _padded_batch(config.model.vocab_size)
+    with torch.no_grad():
+        assert _max_diff(finetune.load_finetuned(run).model(ids).logits, theirs(input_ids=ids).logits,
+                         attention.bool()) < TOL
