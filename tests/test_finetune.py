@@ -260,3 +260,22 @@ def test_experiment_compares_pretrained_and_random_init_per_budget(tmp_path, cap
     stamp = (out / "sent-f1-pretrained" / "summary.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert (out / "sent-f1-pretrained" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_gpt_pairs_and_regression_fine_tune_end_to_end(tmp_path):
+    gpt = make_base_run(tmp_path, "gpt")
+    pairs = make_task(tmp_path, [(a, b, "same" if i % 2 else "other") for i, (a, b) in
+                                 enumerate(zip(POSITIVE, NEGATIVE))], name="pairs",
+                      yaml_text="text: text\ntext_pair: pair\nmetrics: [accuracy, f1_macro]\n")
+    finetune(plan_finetune(gpt, str(pairs), [*FAST, "finetune.steps=4"]), tmp_path / "p", progress=False)
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert set(summary["dev"]) == {"loss", "accuracy", "f1_macro"} and summary["select_metric"] == "accuracy"
+    scores = make_task(tmp_path, [(t, i / 4) for i, t in enumerate(POSITIVE)], name="scores",
+                       yaml_text="kind: regression\n")
+    (tmp_path / "b").mkdir()
+    bert = make_base_run(tmp_path / "b")
+    finetune(plan_finetune(bert, str(scores), [*FAST, "finetune.steps=60"]), tmp_path / "r", progress=False)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["select_metric"] == "spearman" and summary["dev"]["spearman"] > 0.9  # fits 8 training scores
+    run = load_finetuned(tmp_path / "r")
+    assert isinstance(predict(run, [(POSITIVE[0], None)])[0]["score"], float)
