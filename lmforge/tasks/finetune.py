@@ -421,9 +421,10 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
     result.seconds = time.time() - started
     if result.interrupted_by is None and kind == "generation" and ft.generate_tokens > 0:
         _write_samples(run_dir, task.dev[:8], device)
+    best_name = f"step-{state['best_step']:06d}" if state["best_step"] is not None else None
     summary = {"task": task.name, "kind": kind, "base_run": config.base_run, "init": ft.init,
                "label_fraction": ft.label_fraction, "train_examples": len(data.train), "step": step,
-               "total_steps": total, "best_checkpoint": f"step-{state['best_step']:06d}" if state["best_step"] else None,
+               "total_steps": total, "best_checkpoint": best_name,
                "select_metric": "loss" if kind == "generation" else task.config.select_metric,
                "dev": {k.removeprefix("val_"): v for k, v in state["best"].items()},
                "stopped_early": result.stopped_early, "interrupted": result.interrupted_by is not None,
