@@ -49,7 +49,8 @@ tok = Tokenizer.from_file(tokenizer)
 eos = tok.token_to_id("<|endoftext|>")
 files = sorted(str(p) for p in __import__("pathlib").Path(corpus).glob("*.txt"))
 started = time.time()
-ds = load_dataset("text", data_files=files, sample_by="paragraph", split="train", cache_dir=cache)
+ds = load_dataset("text", data_files=files, sample_by="paragraph", split="train", cache_dir=cache,
+                  encoding_errors="replace")  # gcide has a few non-UTF-8 bytes; lmforge replaces them too
 loaded = time.time()
 
 def encode(batch):
@@ -132,10 +133,10 @@ def main() -> None:
               f"byte-level BPE vocab {tokenizer.get_vocab_size()}, {os.cpu_count()} CPUs")
         rows = []
         for label, size, code, extra in (
+            ("datasets load_dataset + .map(batched=True)", full, PEER, [str(tmp / "full"), tok, str(tmp / "hf")]),
             ("lmforge prepare, 1 worker", full, OURS, [str(tmp / "full"), tok, str(tmp / "s1"), "1"]),
             ("lmforge prepare, 2 workers", full, OURS, [str(tmp / "full"), tok, str(tmp / "s2"), "2"]),
             ("lmforge prepare, 2 workers, half corpus", half, OURS, [str(tmp / "half"), tok, str(tmp / "s3"), "2"]),
-            ("datasets load_dataset + .map(batched=True)", full, PEER, [str(tmp / "full"), tok, str(tmp / "hf")]),
         ):
             result = measure(code, *extra)
             rate = size / 1e6 / result["seconds"]
@@ -144,11 +145,12 @@ def main() -> None:
                     if "load_seconds" in result else "")
             print(f"{label:<44} {rate:6.2f} MB/s  {result['seconds']:7.1f}s  peak RSS {result['rss'] / 2**20:6.0f} MiB"
                   f"{load}", flush=True)
-            shutil.rmtree(tmp / "s1", ignore_errors=True)
-        two, half_run, peer = rows[1][2], rows[2][2], rows[3]
+            for leftover in ("s1", "s2", "s3", "hf"):  # keep the temp disk use to one store at a time
+                shutil.rmtree(tmp / leftover, ignore_errors=True)
+        peer, two, half_run = rows[0], rows[2][2], rows[3][2]
         print(f"peak RSS at 2 workers: {half_run['rss'] / 2**20:.0f} MiB for {half / 1e6:.0f} MB, "
               f"{two['rss'] / 2**20:.0f} MiB for {full / 1e6:.0f} MB")
-        print(f"ratio {rows[1][1] / peer[1]:.2f}")
+        print(f"ratio {rows[2][1] / peer[1]:.2f}")
 
 
 if __name__ == "__main__":
