@@ -191,3 +191,4 @@ def test_missing_jsonl_field_names_file_and_line(tmp_path, capsys):
     err = _cli_error(["prepare", "--config", str(recipe)], capsys)
     assert f"{tmp_path / 'c.jsonl'}:2: no field 'text'" in err
     assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "s.partial").exists()  # a build stopped by bad input leaves nothing behind

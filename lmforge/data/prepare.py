@@ -99,6 +99,9 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
         print(f"resuming the interrupted prepare in {partial}", file=sys.stderr)
     try:
         manifest = _build(config, family, partial, state, workers, progress)
+    except LmforgeError:  # bad input or settings: a re-run would stop the same way, so nothing is kept
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     except KeyboardInterrupt:
         print(f"prepare interrupted; the same command resumes from {partial}", file=sys.stderr)
         raise
