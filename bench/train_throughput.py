@@ -14,10 +14,13 @@ first shape listed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import alternate_rounds  # noqa: E402
 
 from lmforge.model import GPT, ModelConfig
 from lmforge.train.device import autocast, measured_matmul_flops
@@ -57,7 +60,7 @@ def step_fn(model: torch.nn.Module, is_ours: bool, precision: str):
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with autocast(device, precision):
-            loss = model(x, y).loss if is_ours else model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=y).loss if is_ours else model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -73,25 +76,14 @@ def measure(shape_name: str, precision: str, rounds: int, steps: int, max_second
     batch, block = shape["batch"], shape["block_size"]
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, VOCAB, (steps, batch, block + 1), generator=gen)
-    steppers = {"ours": step_fn(ours, True, precision), "peer": step_fn(peer, False, precision)}
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
-    for name, step in steppers.items():  # warm-up: allocator, kernels, autocast caches
-        for i in range(1):
-            step(data[i, :, :-1], data[i, :, 1:])
-    for _ in range(rounds):
-        for name, step in steppers.items():
-            round_start = time.perf_counter()
-            for i in range(steps):
-                start = time.perf_counter()
-                step(data[i, :, :-1], data[i, :, 1:])
-                times[name].append(time.perf_counter() - start)
-                if i >= 1 and time.perf_counter() - round_start > max_seconds:
-                    break  # a slow precision on this machine (e.g. bf16 without native support)
+    train = {"ours": step_fn(ours, True, precision), "peer": step_fn(peer, False, precision)}
+    steppers = {name: (lambda i, f=f: f(data[i, :, :-1], data[i, :, 1:])) for name, f in train.items()}
+    seconds = alternate_rounds(steppers, rounds, steps, max_seconds)
     peak = measured_matmul_flops(torch.device("cpu"), precision)
     flops_per_token = ours.flops_per_token(block)
     result = {}
-    for name in times:
-        tokens_per_s = batch * block / statistics.median(times[name])
+    for name in seconds:
+        tokens_per_s = batch * block / seconds[name]
         result[name] = {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
     result["peak_tflops"] = peak / 1e12
     return result
