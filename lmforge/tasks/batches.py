@@ -109,7 +109,7 @@ def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> n
     return order[index * batch_size:(index + 1) * batch_size]
 
 
-def eval_batches(items: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(items: Sequence[Encoded], batch_size: int) -> list[list[int]]:
     """Indices of evaluation batches, longest first and grouped by length so little is padding."""
     order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

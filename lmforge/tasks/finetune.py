@@ -36,7 +36,8 @@ from lmforge.model import build_model
 from lmforge.report import plot_run
 from lmforge.run import CONFIG_FILE, TOKENIZER_FILE, load_run_config
 from lmforge.tasks.batches import (Encoded, batch_indices, collate, decode_response, encode_examples,
-                                   encode_generation, eval_batches, pad_id, steps_per_epoch, task_tokenizer)
+                                   encode_generation, length_sorted_batches, pad_id, steps_per_epoch,
+                                   task_tokenizer)
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, resolve_task_config
 from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
 from lmforge.tasks.metrics import compute_metrics, is_better
@@ -199,7 +200,7 @@ def evaluate_task(model: nn.Module, items: Sequence[Encoded], task: TaskData, pa
     model.eval()
     kind = task.config.kind
     loss_sum, count, outputs = 0.0, 0, {}
-    for indices in eval_batches(items, batch_size):
+    for indices in length_sorted_batches(items, batch_size):
         batch = {k: v.to(device) for k, v in collate([items[i] for i in indices], pad, kind == "regression").items()}
         with autocast(device, precision):
             if kind == "generation":
