@@ -86,6 +86,10 @@ def test_tiny_finetune_overfits_a_tiny_labeled_set(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
     assert main(["predict", str(run), "a great story", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["label"] == "pos"
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("a great story\n\nan awful cast\n", encoding="utf-8")
+    assert main(["predict", str(run), "--file", str(inputs)]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["pos", "neg"]
     assert main(["predict", str(run), "one", "two"]) == 2  # a single-text task given a pair
     assert "takes one text" in capsys.readouterr().err
 
