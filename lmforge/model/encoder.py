@@ -19,6 +19,8 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.heads import ClassificationHead, MLMHead, Pooler
 from lmforge.model.transformer import IGNORE_INDEX, Block, init_weights
 
+MLM_ROWS_BUCKET = 64
+
 
 class BertEncoder(nn.Module):
     """Embeddings + encoder blocks + pooler; returns per-token hidden states and the pooled vector."""
@@ -105,13 +107,21 @@ class BertForPreTraining(nn.Module):
         if mlm_labels is None:
             return PreTrainingOutput(None, self.mlm(hidden), nsp_logits)
         # Only the masked ~15% of positions need the vocabulary projection, the costliest matmul here.
-        selected = mlm_labels != IGNORE_INDEX
-        targets = mlm_labels[selected]
-        mlm_logits = self.mlm(hidden[selected])
-        if targets.numel():
-            mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
+        # Their count varies per batch; rounding it up to a multiple of MLM_ROWS_BUCKET (extra rows
+        # repeat position 0 and carry no loss) keeps the matmul shapes few, so CPU kernel and allocator
+        # caches stay small instead of growing with every new shape.
+        flat_labels = mlm_labels.reshape(-1)
+        rows = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)
+        count = rows.numel()
+        padded = -(-count // MLM_ROWS_BUCKET) * MLM_ROWS_BUCKET
+        rows = F.pad(rows, (0, padded - count))
+        targets = F.pad(flat_labels[rows[:count]], (0, padded - count), value=IGNORE_INDEX)
+        logits = self.mlm(hidden.reshape(-1, hidden.shape[-1])[rows])
+        if count:
+            mlm_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
         else:  # nothing masked in this batch: a zero that still carries the graph
-            mlm_loss = mlm_logits.sum() * 0.0
+            mlm_loss = logits.sum() * 0.0
+        mlm_logits, targets = logits[:count], targets[:count]
         loss, nsp_loss = mlm_loss, None
         if nsp_labels is not None and bool((nsp_labels != IGNORE_INDEX).any()):
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels, ignore_index=IGNORE_INDEX)
