@@ -128,6 +128,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise LmforgeError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
+    if run.config.model.family != "gpt":
+        raise LmforgeError(f"generate needs a decoder (gpt) run; {args.run} is a {run.config.model.family} run"
+                           + (" (try: lmforge fill-mask)" if run.config.model.family == "bert" else ""))
     tokenizer = run.tokenizer
     ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not ids:
