@@ -31,6 +31,16 @@ def plot_run(run_dir: Path) -> list[Path]:
     _series(ax_lr, [r for r in train if r.get("lr") is not None], "lr", "learning rate", color="tab:green")
     written.append(_save(fig, out / "loss.png"))
 
+    scored = [r for r in val if r.get("val_mlm_acc") is not None]
+    if scored:  # BERT: the two tasks' validation accuracies
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        _series(ax, scored, "val_mlm_acc", "validation accuracy", "o-", label="MLM (masked positions)")
+        nsp = [r for r in scored if r.get("val_nsp_acc") is not None]
+        _series(ax, nsp, "val_nsp_acc", "validation accuracy", "o-", label="NSP")
+        ax.set_title(run_dir.name)
+        ax.legend()
+        written.append(_save(fig, out / "accuracy.png"))
+
     speed = [r for r in train if r.get("tokens_per_s")]
     if speed:
         fig, ax = plt.subplots(figsize=(8, 3))
@@ -70,6 +80,10 @@ def summarize(run_dir: Path) -> str:
     if val:
         best = min(val, key=lambda r: r["val_loss"])
         lines.append(f"final val loss: {val[-1]['val_loss']:.4f} (best {best['val_loss']:.4f} at step {best['step']})")
+        last = val[-1]
+        if last.get("val_mlm_acc") is not None:
+            nsp = f", NSP accuracy {last['val_nsp_acc']:.1%}" if last.get("val_nsp_acc") is not None else ""
+            lines.append(f"final MLM accuracy {last['val_mlm_acc']:.1%}{nsp}")
     return "\n".join(lines)
 
 
