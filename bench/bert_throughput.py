@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate_rounds  # noqa: E402
+from common import alternate_rounds, make_step  # noqa: E402
 
 from lmforge.data.objectives.mlm import BertVocab, MaskingSpec, build_pair, mask_tokens  # noqa: E402
 from lmforge.interop.hf import bert_hf_config, bert_state_to_hf  # noqa: E402
 from lmforge.model import ModelConfig, build_model  # noqa: E402
-from lmforge.train.device import autocast, measured_matmul_flops  # noqa: E402
+from lmforge.train.device import measured_matmul_flops  # noqa: E402
 
 SHAPES = {
     "tiny": dict(n_layer=4, n_head=4, d_model=256, block_size=128, batch=16),  # configs/bert-tiny.yaml
@@ -71,23 +71,11 @@ def build_models(shape: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def step_fn(model: torch.nn.Module, is_ours: bool, precision: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), weight_decay=0.01, fused=True)
-    device = torch.device("cpu")
-
-    def step(batch: dict[str, torch.Tensor]) -> float:
-        with autocast(device, precision):
-            if is_ours:
-                loss = model(**batch).loss
-            else:
-                loss = model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                             attention_mask=batch["attention_mask"], labels=batch["mlm_labels"],
-                             next_sentence_label=batch["nsp_labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    if is_ours:
+        return make_step(model, optimizer, lambda m, batch: m(**batch).loss, precision)
+    return make_step(model, optimizer, lambda m, batch: m(
+        input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
+        labels=batch["mlm_labels"], next_sentence_label=batch["nsp_labels"]).loss, precision)
 
 
 def main() -> None:

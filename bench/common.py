@@ -27,3 +27,24 @@ def alternate_rounds(steppers: dict[str, Callable[[int], float]], rounds: int, s
                 if i >= 1 and time.perf_counter() - round_start > max_seconds:
                     break  # a slow precision on this machine (e.g. bf16 without native support)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def make_step(model, optimizer, loss_of: Callable, precision: str) -> Callable:
+    """A function running one training step (forward under autocast, backward, clip, AdamW) on a batch;
+    `loss_of(model, batch)` computes the loss the way that model's API wants it."""
+    import torch
+
+    from lmforge.train.device import autocast
+
+    device = torch.device("cpu")
+
+    def step(batch) -> float:
+        with autocast(device, precision):
+            loss = loss_of(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate_rounds  # noqa: E402
+from common import alternate_rounds, make_step  # noqa: E402
 
 from lmforge.model import GPT, ModelConfig
-from lmforge.train.device import autocast, measured_matmul_flops
+from lmforge.train.device import measured_matmul_flops
 
 SHAPES = {
     "baby": dict(n_layer=4, n_head=4, d_model=128, block_size=64, batch=12),
@@ -56,18 +56,9 @@ def _accepts_attn_impl() -> bool:
 
 def step_fn(model: torch.nn.Module, is_ours: bool, precision: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1, fused=True)
-    device = torch.device("cpu")
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        with autocast(device, precision):
-            loss = model(input_ids=x, labels=y).loss if is_ours else model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    # ours takes next-token labels; transformers shifts its labels itself
+    return make_step(model, optimizer, lambda m, xy: m(input_ids=xy[0], labels=xy[1] if is_ours else xy[0]).loss,
+                     precision)
 
 
 def measure(shape_name: str, precision: str, rounds: int, steps: int, max_seconds: float) -> dict:
@@ -77,7 +68,7 @@ def measure(shape_name: str, precision: str, rounds: int, steps: int, max_second
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, VOCAB, (steps, batch, block + 1), generator=gen)
     train = {"ours": step_fn(ours, True, precision), "peer": step_fn(peer, False, precision)}
-    steppers = {name: (lambda i, f=f: f(data[i, :, :-1], data[i, :, 1:])) for name, f in train.items()}
+    steppers = {name: (lambda i, f=f: f((data[i, :, :-1], data[i, :, 1:]))) for name, f in train.items()}
     seconds = alternate_rounds(steppers, rounds, steps, max_seconds)
     peak = measured_matmul_flops(torch.device("cpu"), precision)
     flops_per_token = ours.flops_per_token(block)
