@@ -73,7 +73,7 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, family: str =
     if tokenizer.get_vocab_size() <= len(specials):
         raise LmforgeError("cannot train a tokenizer: the corpus has no text")
     if family == "bert":
-        _add_bert_template(tokenizer)
+        add_bert_template(tokenizer)
     return tokenizer
 
 
@@ -81,7 +81,7 @@ def _with_unk(specials: list[str], family: str) -> list[str]:
     return specials if UNK_TOKEN[family] in specials else [*specials, UNK_TOKEN[family]]
 
 
-def _add_bert_template(tokenizer: Tokenizer) -> None:
+def add_bert_template(tokenizer: Tokenizer) -> None:
     """encode(a) -> [CLS] a [SEP]; encode(a, b) -> [CLS] a [SEP] b [SEP] with token types 0 / 1."""
     cls, sep = tokenizer.token_to_id(CLS), tokenizer.token_to_id(SEP)
     tokenizer.post_processor = processors.TemplateProcessing(

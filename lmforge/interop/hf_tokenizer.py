@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from lmforge.data.tokenizer import BERT_UNK, CLS, EOS, MASK, PAD, SEP, UNK, _add_bert_template
+from lmforge.data.tokenizer import BERT_UNK, CLS, EOS, MASK, PAD, SEP, UNK, add_bert_template
 from lmforge.errors import LmforgeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -118,5 +118,5 @@ def read_hf_tokenizer(directory: Path, family: str) -> tuple[Tokenizer, list[str
                            f"{family} runs need {why}")
     tokenizer.add_special_tokens(needed)  # a no-op for tokens already special; vocab.* builds need it
     if family == "bert" and source != "tokenizer.json":
-        _add_bert_template(tokenizer)
+        add_bert_template(tokenizer)
     return tokenizer, notes
