@@ -9,8 +9,6 @@ also with generation_config.json. Nothing here needs transformers installed.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import EOS, PAD
+from lmforge.atomic_dir import building_directory
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import bert_classifier_to_hf, bert_hf_config, gpt_hf_config, state_to_hf
 from lmforge.interop.hf_tokenizer import write_tokenizer_files
@@ -50,12 +49,7 @@ def _json(path: Path, data: dict[str, Any]) -> None:
 def write_hf_dir(out: Path, hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], tokenizer: Tokenizer,
                  config: ModelConfig, generation: Optional[dict[str, Any]] = None) -> list[str]:
     """Write a transformers model directory under a temporary name, then rename it to `out`."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmforgeError(f"{out} already exists and is not empty; choose a new output directory")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building_directory(out, "export") as tmp:
         _json(tmp / "config.json", hf_config)
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hf_state.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -63,12 +57,6 @@ def write_hf_dir(out: Path, hf_config: dict[str, Any], hf_state: dict[str, torch
         if generation is not None:
             _json(tmp / "generation_config.json", generation)
         files = sorted(p.name for p in tmp.iterdir())
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return files
 
 

@@ -11,10 +11,7 @@ are initialised as in a new model and reported.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pickle
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
+from lmforge.atomic_dir import building_directory
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import POSITIONS, architecture_of, config_from_hf, state_from_hf
 from lmforge.interop.hf_tokenizer import read_json, read_hf_tokenizer
@@ -154,10 +152,7 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     model.load_state_dict(imported.state, strict=False)
     optimizer = build_optimizer(model, config.train, torch.device("cpu"))
 
-    tmp = out.parent / f".{out.name}.import-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building_directory(out, "import") as tmp:
         dump_config(config, tmp / CONFIG_FILE)
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         save_checkpoint(tmp / "checkpoints", 0, model, optimizer, {
@@ -167,12 +162,6 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
             "imported_from": {"path": str(directory.resolve()), "architecture": architecture,
                               "weights": weights_file, "initialised": imported.missing_parts, "notes": notes},
         })
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return Imported(out, architecture, config, model.num_parameters(exclude_embeddings=False),
                     imported.missing_parts, notes)
 

@@ -29,7 +29,7 @@ from lmforge.infer.fill_mask import fill_mask
 from lmforge.infer.generate import generate
 from lmforge.model import build_model
 from lmforge.report import plot_run
-from lmforge.run import CONFIG_FILE, TOKENIZER_FILE, load_run_config
+from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
 from lmforge.train.checkpoint import find_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.device import autocast, measured_matmul_flops, resolve_device, synchronize
 from lmforge.train.evaluate import evaluate
