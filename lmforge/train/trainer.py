@@ -211,6 +211,9 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / elapsed if elapsed > 0 else 0.0
                 mfu = tokens_per_s / tokens_per_step * flops_per_step / peak_flops
+                if mfu > 1.0:  # the peak was measured while something else shared the device: measure again
+                    peak_flops = measured_matmul_flops(device, tc.precision, fresh=True)
+                    mfu = tokens_per_s / tokens_per_step * flops_per_step / peak_flops
                 row = {"step": step, "tokens": state["tokens_seen"], "loss": loss_sum, "lr": lr,
                        "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
                 bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
