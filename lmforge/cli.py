@@ -63,7 +63,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if result.sample is not None:
         print("\n--- sample " + "-" * 60 + f"\n{result.sample}\n" + "-" * 71)
     if "val_mlm_loss" in result.val_metrics:
-        shown = describe_metrics({k.removeprefix("val_"): v for k, v in result.val_metrics.items()})
+        from lmforge.train.evaluate import describe_metrics
+
+        shown = describe_metrics(result.val_metrics)
         print(f"validation: {shown}  (step {result.step}, {result.seconds:.0f}s)")
     else:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
@@ -78,7 +80,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmforge.data.store import TokenStore
     from lmforge.run import load_run
     from lmforge.train.device import resolve_device
-    from lmforge.train.evaluate import evaluate
+    from lmforge.train.evaluate import describe_metrics, evaluate
 
     from lmforge.tasks.finetune import is_finetune_run
 
@@ -97,20 +99,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{run.checkpoint.path.name}: {args.split} " + describe_metrics(result))
+        print(f"{run.checkpoint.path.name}: {args.split} " + describe_metrics(measured))
     return 0
-
-
-def describe_metrics(metrics: dict) -> str:
-    """'loss 1.8971, perplexity 6.67' or 'loss 5.12, MLM loss 4.50 / accuracy 25.1%, NSP ...' for people."""
-    parts = [f"loss {metrics['loss']:.4f}"]
-    if "perplexity" in metrics:
-        parts.append(f"perplexity {metrics['perplexity']:.2f}")
-    if "mlm_loss" in metrics:
-        parts.append(f"MLM loss {metrics['mlm_loss']:.4f} / accuracy {metrics['mlm_acc']:.1%}")
-    if "nsp_acc" in metrics:
-        parts.append(f"NSP loss {metrics['nsp_loss']:.4f} / accuracy {metrics['nsp_acc']:.1%}")
-    return ", ".join(parts)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -46,3 +46,17 @@ def evaluate(model: nn.Module, loader, batches: int, device: torch.device, preci
     elif "val_mlm_loss" in metrics:
         metrics["val_loss"] = metrics["val_mlm_loss"] + metrics.get("val_nsp_loss", 0.0)
     return metrics
+
+
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """One line for people: 'loss 1.8971, perplexity 6.67' or 'loss 6.76, MLM loss 6.37 / accuracy 12.2%,
+    NSP loss 0.39 / accuracy 82.5%'. Keys may carry the 'val_' prefix or not."""
+    m = {k.removeprefix("val_"): v for k, v in metrics.items()}
+    parts = [f"loss {m['loss']:.4f}"]
+    if "ppl" in m or "perplexity" in m:
+        parts.append(f"perplexity {m.get('ppl', m.get('perplexity')):.2f}")
+    if "mlm_loss" in m:
+        parts.append(f"MLM loss {m['mlm_loss']:.4f} / accuracy {m['mlm_acc']:.1%}")
+    if "nsp_acc" in m:
+        parts.append(f"NSP loss {m['nsp_loss']:.4f} / accuracy {m['nsp_acc']:.1%}")
+    return ", ".join(parts)

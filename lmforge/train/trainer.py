@@ -32,7 +32,7 @@ from lmforge.report import plot_run
 from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
 from lmforge.train.checkpoint import find_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.device import autocast, measured_matmul_flops, resolve_device, synchronize
-from lmforge.train.evaluate import evaluate
+from lmforge.train.evaluate import describe_metrics, evaluate
 from lmforge.train.metrics import MetricsWriter
 from lmforge.train.optim import build_optimizer, learning_rate
 
@@ -224,7 +224,7 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
                 result.val_loss = evaluated["val_loss"]
                 result.val_metrics = evaluated
                 if progress:
-                    bar.write(f"step {step}: val {describe_val(evaluated)}", file=sys.stderr)
+                    bar.write(f"step {step}: val {describe_metrics(evaluated)}", file=sys.stderr)
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if row:
                 metrics.log(row)
@@ -255,16 +255,6 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
         "seconds": round(result.seconds, 1), "interrupted": result.interrupted_by is not None},
         indent=2) + "\n", encoding="utf-8")
     return result
-
-
-def describe_val(metrics: dict[str, float]) -> str:
-    """One line of validation metrics for the progress log."""
-    if "val_mlm_loss" in metrics:
-        text = f"loss {metrics['val_loss']:.4f} (MLM {metrics['val_mlm_loss']:.4f}, acc {metrics['val_mlm_acc']:.1%}"
-        if "val_nsp_acc" in metrics:
-            text += f"; NSP {metrics['val_nsp_loss']:.4f}, acc {metrics['val_nsp_acc']:.1%}"
-        return text + ")"
-    return f"loss {metrics['val_loss']:.4f}, ppl {metrics['val_ppl']:.2f}"
 
 
 def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,

@@ -98,19 +98,12 @@ class SentenceIndex:
             offset += len(shard)
         ends_all = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
         starts = np.concatenate([[0], ends_all[:-1] + 1]).astype(np.int64) if len(ends_all) else ends_all
+        keep = ends_all > starts  # drop empty sentences ([SEP][SEP])
+        starts, ends_all = starts[keep], ends_all[keep]
         # a sentence belongs to the document its first token is in
         doc_of = np.searchsorted(split.doc_starts, starts, side="right") - 1
-        num_docs = len(split.doc_starts)
-        doc_first = np.searchsorted(doc_of, np.arange(num_docs + 1), side="left").astype(np.int64)
-        keep = ends_all > starts  # drop empty sentences ([SEP][SEP])
-        if not keep.all():
-            return cls.build_from(starts[keep], ends_all[keep], doc_of[keep], num_docs)
+        doc_first = np.searchsorted(doc_of, np.arange(len(split.doc_starts) + 1), side="left").astype(np.int64)
         return cls(starts, ends_all, doc_first)
-
-    @classmethod
-    def build_from(cls, starts: np.ndarray, ends: np.ndarray, doc_of: np.ndarray, num_docs: int) -> "SentenceIndex":
-        doc_first = np.searchsorted(doc_of, np.arange(num_docs + 1), side="left").astype(np.int64)
-        return cls(starts, ends, doc_first)
 
     @property
     def lengths(self) -> np.ndarray:
