@@ -30,7 +30,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from lmforge.config import CurateConfig, DataConfig
+from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, iter_documents, resolve_corpus_files
 from lmforge.errors import LmforgeError
 
