@@ -8,7 +8,7 @@ from lmforge.errors import LmforgeError
 from lmforge.tasks import load_task, read_examples, resolve_task_config, subsample
 from lmforge.tasks.datasets import Example
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+GLUE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "glue").resolve()  # the loader reports real paths (shared/ may be a symlink)
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"GLUE data not at {GLUE}")
 
 
