@@ -257,6 +257,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         overrides.append(f"tasks=[{args.tasks}]")
     if args.fractions:
         overrides.append(f"fractions=[{args.fractions}]")
+    if args.seeds:
+        overrides.append(f"seeds=[{args.seeds}]")
     config = load_experiment(args.config, overrides)
     out = Path(args.out or Path("runs") / f"{config.name}-{Path(args.run).name}")
     rows = run_experiment(args.run, config, out, args.glue_root)
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. --set finetune.steps=100 (repeatable)")
     p.add_argument("--glue-root", help="where GLUE task names are looked up (default: ../shared/data/glue)")
+    p.add_argument("--seeds", help="comma-separated seeds, each cell once per seed, e.g. 1,2,3")
     p.add_argument("--out", help="experiment directory (default: runs/NAME-RUN); re-running continues it")
     p.set_defaults(func=cmd_experiment)
 

@@ -249,20 +249,23 @@ def test_experiment_compares_pretrained_and_random_init_per_budget(tmp_path, cap
     base = make_base_run(tmp_path)
     task = make_task(tmp_path, SENTIMENT)
     out = tmp_path / "exp"
-    argv = ["experiment", str(base), "--tasks", str(task), "--fractions", "0.5,1.0", "--out", str(out),
-            "--set", "finetune.steps=3", "--set", "finetune.batch_size=4"]
+    argv = ["experiment", str(base), "--tasks", str(task), "--fractions", "0.5,1.0", "--seeds", "1,2",
+            "--out", str(out), "--set", "finetune.steps=3", "--set", "finetune.batch_size=4"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [(r["fraction"], r["init"], r["labels"]) for r in rows] == [
-        (0.5, "pretrained", 8), (0.5, "random", 8), (1.0, "pretrained", 16), (1.0, "random", 16)]
+    assert [(r["fraction"], r["seed"], r["init"], r["labels"]) for r in rows] == [
+        (f, s, init, n) for f, n in ((0.5, 8), (1.0, 16)) for s in (1, 2) for init in ("pretrained", "random")]
     assert (out / "results.png").is_file() and "| sent | 50% | 8 | accuracy |" in printed
-    cell = yaml.safe_load((out / "sent-f0.5-random" / "config.yaml").read_text())
-    assert cell["finetune"]["init"] == "random" and cell["finetune"]["steps"] == 3
+    # Two seeds per budget: the table gives mean ± sd and counts the seeds where pretrained scored higher.
+    row = next(line for line in printed.splitlines() if line.startswith("| sent | 50% |"))
+    assert row.count("±") == 2 and row.endswith("of 2 |")
+    cell = yaml.safe_load((out / "sent-f0.5-random-s2" / "config.yaml").read_text())
+    assert (cell["finetune"]["init"], cell["finetune"]["steps"], cell["finetune"]["seed"]) == ("random", 3, 2)
     # Re-running reuses the finished cells.
-    stamp = (out / "sent-f1-pretrained" / "summary.json").stat().st_mtime_ns
+    stamp = (out / "sent-f1-pretrained-s1" / "summary.json").stat().st_mtime_ns
     assert main(argv) == 0
-    assert (out / "sent-f1-pretrained" / "summary.json").stat().st_mtime_ns == stamp
+    assert (out / "sent-f1-pretrained-s1" / "summary.json").stat().st_mtime_ns == stamp
 
 
 def test_gpt_pairs_and_regression_fine_tune_end_to_end(tmp_path):

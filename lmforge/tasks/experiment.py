@@ -4,13 +4,17 @@ at several label budgets, on several tasks: a table and a plot of dev metric aga
 Every cell is an ordinary fine-tuned run under OUT/ (TASK-fFRACTION-INIT/), so any of them can be
 evaluated, predicted with or resumed on its own; re-running the command skips finished cells and
 continues an interrupted one. Each cell trains the same number of optimizer steps, so the budget
-changes only how many distinct labeled examples those steps draw from.
+changes only how many distinct labeled examples those steps draw from. With several seeds every cell
+is repeated per seed (the seed draws the label sample, the head and, for random init, every weight),
+and the table reports the mean, the spread and how many seeds the pretrained model won.
 """
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import itertools
+import json
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,7 @@ from typing import Any, Optional, Sequence
 from lmforge.config import apply_overrides, from_dict, read_yaml, resolve_recipe
 from lmforge.errors import LmforgeError
 from lmforge.tasks.config import FinetuneConfig, resolve_task_config
-from lmforge.tasks.datasets import load_task
+from lmforge.tasks.datasets import TaskData, load_task
 from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
 
 INITS = ("pretrained", "random")
@@ -30,6 +34,7 @@ class ExperimentConfig:
     name: str = "pretrain-value"
     tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc"])  # task directories or GLUE names
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # label budgets, of each class
+    seeds: list[int] = field(default_factory=lambda: [42])  # each cell once per seed (finetune.seed is ignored)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the same for every cell
 
     def validate(self) -> "ExperimentConfig":
@@ -37,6 +42,8 @@ class ExperimentConfig:
             raise LmforgeError("tasks: give at least one task")
         if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
             raise LmforgeError(f"fractions must be in (0, 1], got {self.fractions}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise LmforgeError(f"seeds: give one or more distinct seeds, got {self.seeds}")
         self.finetune.validate()
         return self
 
@@ -49,8 +56,8 @@ def load_experiment(recipe: str, overrides: Sequence[str] = ()) -> ExperimentCon
     return from_dict(ExperimentConfig, data).validate()
 
 
-def _cell_name(task: str, fraction: float, init: str) -> str:
-    return f"{task}-f{fraction:g}-{init}"
+def _cell_name(task: str, fraction: float, init: str, seed: int) -> str:
+    return f"{task}-f{fraction:g}-{init}-s{seed}"
 
 
 def _finished(run_dir: Path) -> Optional[dict[str, Any]]:
@@ -63,64 +70,87 @@ def _finished(run_dir: Path) -> Optional[dict[str, Any]]:
 
 def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
                    data_root: Optional[str] = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Fine-tune every (task, fraction, init) cell into out/; returns one result row per cell."""
+    """Fine-tune every (task, fraction, seed, init) cell into out/; returns one result row per cell."""
     if is_finetune_run(pretrained):
         raise LmforgeError(f"{pretrained} is a fine-tuned run; the experiment starts from a pretraining run")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for task_name in config.tasks:
-        task, short_name = None, resolve_task_config(task_name, data_root).name
-        for fraction in config.fractions:
-            for init in INITS:
-                run_dir = out / _cell_name(short_name, fraction, init)
-                summary = _finished(run_dir)
-                if summary is None:
-                    if task is None:
-                        task = load_task(task_name, data_root)
-                    resume = (run_dir / "checkpoints" / "latest").is_file()
-                    if resume:
-                        cell = load_finetune_config(run_dir)
-                    else:
-                        recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction)
-                        cell = plan_finetune(pretrained, task_name, data_root=data_root, finetune=recipe)
-                    if progress:
-                        print(f"[{run_dir.name}]", file=sys.stderr)
-                    result = finetune(cell, run_dir, resume=resume, progress=progress, task=task)
-                    if result.interrupted_by is not None:
-                        raise KeyboardInterrupt
-                    summary = _finished(run_dir)
-                metric = summary["select_metric"]
-                rows.append({"task": summary["task"], "fraction": fraction, "init": init,
-                             "labels": summary["train_examples"], "metric": metric,
-                             "score": summary["dev"][metric], "dev": summary["dev"], "steps": summary["step"],
-                             "seconds": summary["seconds"], "run": str(run_dir)})
+        task: Optional[TaskData] = None  # loaded once per task, and only if a cell still has to run
+        short_name = resolve_task_config(task_name, data_root).name
+        for fraction, seed, init in itertools.product(config.fractions, config.seeds, INITS):
+            run_dir = out / _cell_name(short_name, fraction, init, seed)
+            summary = _finished(run_dir)
+            if summary is None:
+                task = task or load_task(task_name, data_root)
+                recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction, seed=seed)
+                summary = _run_cell(pretrained, task_name, task, recipe, run_dir, data_root, progress)
+            metric = summary["select_metric"]
+            rows.append({"task": summary["task"], "fraction": fraction, "seed": seed, "init": init,
+                         "labels": summary["train_examples"], "metric": metric,
+                         "score": summary["dev"][metric], "dev": summary["dev"], "steps": summary["step"],
+                         "seconds": summary["seconds"], "run": str(run_dir)})
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "results.md").write_text(results_table(rows, config, pretrained) + "\n", encoding="utf-8")
     plot_results(rows, out / "results.png")
     return rows
 
 
+def _run_cell(pretrained: str | Path, task_name: str, task: TaskData, recipe: FinetuneConfig, run_dir: Path,
+              data_root: Optional[str], progress: bool) -> dict[str, Any]:
+    """One fine-tune (continued if an earlier attempt left a checkpoint); its summary."""
+    resume = (run_dir / "checkpoints" / "latest").is_file()
+    if resume:
+        cell = load_finetune_config(run_dir)
+    else:
+        cell = plan_finetune(pretrained, task_name, data_root=data_root, finetune=recipe)
+    if progress:
+        print(f"[{run_dir.name}]", file=sys.stderr)
+    result = finetune(cell, run_dir, resume=resume, progress=progress, task=task)
+    if result.interrupted_by is not None:
+        raise KeyboardInterrupt
+    summary = _finished(run_dir)
+    assert summary is not None  # finetune() writes summary.json when it completes
+    return summary
+
+
+def _spread(scores: Sequence[float]) -> str:
+    """'0.812' for one seed, '0.812 ± 0.010' (sample standard deviation) for several."""
+    mean = statistics.fmean(scores)
+    return f"{mean:.3f}" if len(scores) == 1 else f"{mean:.3f} ± {statistics.stdev(scores):.3f}"
+
+
 def results_table(rows: Sequence[dict[str, Any]], config: ExperimentConfig, pretrained: str | Path) -> str:
-    """Markdown: per task and budget, the dev metric from pretrained and from random init, and the gain."""
+    """Markdown: per task and budget, the dev metric from pretrained and from random init (mean ± sd over
+    seeds), the mean gain, and on how many seeds the pretrained model scored higher."""
     ft = config.finetune
+    seeds = sorted({r["seed"] for r in rows})
     lines = [f"Dev metric after fine-tuning from `{pretrained}` vs from random init (same shape, tokenizer and "
              f"recipe: {ft.steps or f'{ft.epochs:g} epochs'} steps of {ft.batch_size}, lr {ft.lr:g}, "
-             f"max_length {ft.max_length}, best dev checkpoint).", "",
-             "| task | budget | labels | metric | pretrained | random init | gain |", "|---|---|---|---|---|---|---|"]
-    cells = {(r["task"], r["fraction"], r["init"]): r for r in rows}
-    for (task, fraction, init), row in cells.items():
-        if init != "pretrained" or (task, fraction, "random") not in cells:
+             f"max_length {ft.max_length}, best dev checkpoint); seeds {', '.join(map(str, seeds))}"
+             + (" (mean ± sample standard deviation)." if len(seeds) > 1 else "."), "",
+             "| task | budget | labels | metric | pretrained | random init | gain | pretrained higher |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, float], dict[int, dict[str, dict[str, Any]]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["fraction"]), {}).setdefault(r["seed"], {})[r["init"]] = r
+    for (task, fraction), by_seed in groups.items():
+        pairs = [(cells["pretrained"], cells["random"]) for cells in by_seed.values() if len(cells) == 2]
+        if not pairs:
             continue
-        other = cells[(task, fraction, "random")]
-        lines.append(f"| {task} | {fraction:.0%} | {row['labels']:,} | {row['metric']} | {row['score']:.3f} | "
-                     f"{other['score']:.3f} | {row['score'] - other['score']:+.3f} |")
+        ours, theirs = [p["score"] for p, _ in pairs], [q["score"] for _, q in pairs]
+        wins = sum(a > b for a, b in zip(ours, theirs))
+        lines.append(f"| {task} | {fraction:.0%} | {pairs[0][0]['labels']:,} | {pairs[0][0]['metric']} | "
+                     f"{_spread(ours)} | {_spread(theirs)} | {statistics.fmean(ours) - statistics.fmean(theirs):+.3f} | "
+                     f"{wins} of {len(pairs)} |")
     total = sum(r["seconds"] for r in rows)
     lines += ["", f"{len(rows)} fine-tunes, {total / 60:.1f} minutes in all."]
     return "\n".join(lines)
 
 
 def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """One panel per task: dev metric against labels used (log scale), pretrained vs random init."""
+    """One panel per task: dev metric against labels used (log scale), pretrained vs random init;
+    the mean over seeds with the sample standard deviation as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +160,14 @@ def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for init, style in zip(INITS, ("o-", "s--")):
-            points = sorted((r["labels"], r["score"]) for r in rows if r["task"] == task and r["init"] == init)
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=f"{init} init")
+            by_labels: dict[int, list[float]] = {}
+            for r in rows:
+                if r["task"] == task and r["init"] == init:
+                    by_labels.setdefault(r["labels"], []).append(r["score"])
+            labels = sorted(by_labels)
+            means = [statistics.fmean(by_labels[n]) for n in labels]
+            spreads = [statistics.stdev(by_labels[n]) if len(by_labels[n]) > 1 else 0.0 for n in labels]
+            ax.errorbar(labels, means, yerr=spreads, fmt=style, capsize=3, label=f"{init} init")
         metric = next(r["metric"] for r in rows if r["task"] == task)
         ax.set(xscale="log", xlabel="labeled examples used", ylabel=f"dev {metric}", title=task)
         ax.grid(alpha=0.3)
