@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,9 +58,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         run_dir = Path(args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = pretrain(config, run_dir, resume=bool(args.resume))
     if result.interrupted_by is not None:
-        print(f"stopped at step {result.step}; checkpoint written. Continue with:\n"
-              f"  lmforge pretrain --resume {run_dir}")
+        if _is_main_process():
+            print(f"stopped at step {result.step}; checkpoint written. Continue with:\n"
+                  f"  {_launcher()} pretrain --resume {run_dir}")
         return 128 + result.interrupted_by
+    if not _is_main_process():
+        return 0
     if result.sample is not None:
         print("\n--- sample " + "-" * 60 + f"\n{result.sample}\n" + "-" * 71)
     if "val_mlm_loss" in result.val_metrics:
@@ -190,9 +194,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                                    f"{time.strftime('%Y%m%d-%H%M%S')}")
     result = finetune(config, run_dir, resume=bool(args.resume))
     if result.interrupted_by is not None:
-        print(f"stopped at step {result.step}; checkpoint written. Continue with:\n"
-              f"  lmforge finetune --resume {run_dir}")
+        if _is_main_process():
+            print(f"stopped at step {result.step}; checkpoint written. Continue with:\n"
+                  f"  {_launcher()} finetune --resume {run_dir}")
         return 128 + result.interrupted_by
+    if not _is_main_process():
+        return 0
     shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.best.items())
     early = " (stopped early)" if result.stopped_early else ""
     print(f"best dev: {shown}  (step {result.best_step} of {result.total_steps}{early}, {result.seconds:.0f}s)")
@@ -379,12 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or the only process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _launcher() -> str:
+    """How to run lmforge again the way this process was started (torchrun's resume command keeps the processes)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world == "1":
+        return "lmforge"
+    return f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m lmforge"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except LmforgeError as exc:
-        print(f"lmforge {args.verb}: error: {exc}", file=sys.stderr)
+        from lmforge.train.distributed import started
+
+        # Before the processes of a torchrun launch meet, they all stop on the same input: rank 0 says
+        # why. Afterwards an error may be one process's own, and each says it with its rank.
+        if started():
+            print(f"lmforge {args.verb} [rank {os.environ.get('RANK', '0')}]: error: {exc}", file=sys.stderr)
+        elif _is_main_process():
+            print(f"lmforge {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.verb}: interrupted", file=sys.stderr)

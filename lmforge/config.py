@@ -107,10 +107,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 12  # sequences per micro-batch
+    # The global batch: sequences per optimizer step, all processes together. It alone decides the
+    # training math; micro_batch_size and the number of processes only decide how it is computed.
+    batch_size: int = 12
+    # Sequences per forward/backward pass on one process; 0 = batch_size / processes (no accumulation).
+    # Gradient accumulation steps = batch_size / (micro_batch_size * processes).
+    micro_batch_size: int = 0
     # blocks: each epoch a shuffled partition of the stream (no window twice); random: uniform offsets
     windows: Literal["blocks", "random"] = "blocks"
-    grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
     min_lr: float = 1e-4  # cosine decay floor
     warmup_steps: int = 100
@@ -128,13 +132,13 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; weights and optimizer stay fp32
-    compile: bool = False
+    compile: bool = False  # torch.compile each Transformer block
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     sample_tokens: int = 200  # length of the sample generated at the end ("0" disables it)
     sample_prompt: str = "\n"
 
     def validate(self, prefix: str) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every",
+        positive = ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
                     "log_every", "max_bad_steps")
         for key in positive:
             if getattr(self, key) <= 0:
@@ -143,7 +147,7 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         for key in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "keep_checkpoints", "keep_every", "eps",
-                    "sample_tokens"):
+                    "sample_tokens", "micro_batch_size"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if self.min_lr > self.lr:
@@ -178,18 +182,38 @@ class MLMConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run launched with torchrun on several processes shares the work (ignored in one process)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: a whole replica per process; fsdp: FSDP2, sharded per block
+    param_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # fsdp: dtype of gathered parameters; auto = train.precision
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp: dtype of the gradient reduce-scatter
+    cpu_offload: bool = False  # fsdp on GPUs: keep parameter shards, gradients and optimizer state in host memory
+    activation_checkpointing: bool = False  # recompute each Transformer block in the backward pass (any strategy)
+
+    def validate(self, prefix: str) -> None:
+        if self.strategy != "fsdp":
+            for key, default in (("param_dtype", "auto"), ("reduce_dtype", "fp32"), ("cpu_offload", False)):
+                if getattr(self, key) != default:
+                    raise LmforgeError(f"{prefix}.{key} applies to {prefix}.strategy=fsdp only "
+                                       f"(strategy is {self.strategy})")
+
+
+@dataclass
 class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
         self.data.validate("data")
         self.model.validate("model")
         self.train.validate("train")
         self.mlm.validate("mlm")
+        self.parallel.validate("parallel")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,16 +361,40 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def upgrade_train_section(train: Any) -> None:
+    """Rewrite, in place, a `train` section of the days before global batches to today's keys.
+
+    Then `batch_size` counted the sequences of one micro-batch and `grad_accum` the micro-batches per
+    step (one process only); now `batch_size` is the global batch and `micro_batch_size` the
+    micro-batch, so `batch_size: 8, grad_accum: 4` becomes `batch_size: 32, micro_batch_size: 8`.
+    Run directories written then keep loading and resuming as they were.
+    """
+    if not isinstance(train, dict) or "grad_accum" not in train:
+        return
+    accum = train.pop("grad_accum")
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum <= 0:
+        raise LmforgeError(f"train.grad_accum must be a positive integer, got {accum!r} (it is now derived: "
+                           f"train.batch_size / (train.micro_batch_size x processes))")
+    if accum > 1:
+        micro = train.get("batch_size", TrainConfig.batch_size)
+        if isinstance(micro, int):
+            train["batch_size"] = micro * accum
+            train.setdefault("micro_batch_size", micro)
+
+
 def load_config(name_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load a recipe (default: the built-in one), apply `--set` overrides and validate."""
     path = resolve_recipe(name_or_path or DEFAULT_RECIPE)
     data = apply_overrides(read_yaml(path), overrides or [])
     data.setdefault("name", path.stem)
+    upgrade_train_section(data.get("train"))
     return from_dict(Config, data).validate()
 
 
 def config_from_dict(data: dict[str, Any], overrides: Optional[list[str]] = None) -> Config:
-    return from_dict(Config, apply_overrides(data, overrides or [])).validate()
+    data = apply_overrides(data, overrides or [])
+    upgrade_train_section(data.get("train"))
+    return from_dict(Config, data).validate()
 
 
 def dump_config(config: Config, path: Path) -> None:

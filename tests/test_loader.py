@@ -1,8 +1,10 @@
 import numpy as np
+import pytest
 import torch
 
-from lmforge.data.loader import CLMLoader
+from lmforge.data.loader import CLMLoader, batch_layout
 from lmforge.data.store import SplitReader
+from lmforge.errors import LmforgeError
 
 
 def _split(n_tokens: int) -> SplitReader:
@@ -39,9 +41,9 @@ def test_state_round_trip_continues_the_same_sequence():
 
 
 def test_an_epoch_covers_every_block_once_and_ranks_are_disjoint():
-    split, block, per_rank = _split(16 * 41), 16, 5  # 40 blocks per epoch
-    ranks = [CLMLoader(split, block, per_rank, seed=0, rank=r, world_size=2) for r in range(2)]
-    single = CLMLoader(split, block, 2 * per_rank, seed=0)
+    split, block, global_batch = _split(16 * 41), 16, 10  # 40 blocks per epoch
+    ranks = [CLMLoader(split, block, global_batch, seed=0, rank=r, world_size=2) for r in range(2)]
+    single = CLMLoader(split, block, global_batch, seed=0)
     starts = []
     for _ in range(4):  # 4 global batches of 10 = one epoch
         parts = [r.next()["input_ids"] for r in ranks]
@@ -53,9 +55,51 @@ def test_an_epoch_covers_every_block_once_and_ranks_are_disjoint():
     assert len(starts) == 40
 
 
+def test_global_batches_do_not_depend_on_world_size_or_micro_batch_size():
+    """Rank r reads the r-th part of each global batch in micro-batches; concatenated, the parts are the batch."""
+    split = _split(16 * 200)
+    reference = CLMLoader(split, 16, 12, seed=7)
+    layouts = [(1, 3), (2, 0), (2, 2), (3, 4), (4, 1)]  # (world size, micro-batch size)
+    loaders = {layout: [CLMLoader(split, 16, 12, seed=7, rank=r, world_size=layout[0], micro_batch_size=layout[1])
+                        for r in range(layout[0])] for layout in layouts}
+    for _ in range(5):
+        expected = reference.next()["input_ids"]
+        for (world, micro), ranks in loaders.items():
+            got = torch.cat([r.next()["input_ids"] for r in ranks for _ in range(r.accum_steps)])
+            assert torch.equal(got, expected), (world, micro)
+
+
+def test_position_is_in_samples_so_a_run_resumes_with_another_world_size():
+    split = _split(16 * 200)
+    two = [CLMLoader(split, 16, 8, seed=3, rank=r, world_size=2, micro_batch_size=2) for r in range(2)]
+    for _ in range(3 * two[0].accum_steps):  # three global batches
+        for r in two:
+            r.next()
+    state = two[0].state_dict()
+    assert state == {"samples": 24, "seed": 3} == two[1].state_dict()
+    one = CLMLoader(split, 16, 8, seed=0)
+    one.load_state_dict(state)
+    assert torch.equal(one.next()["input_ids"], CLMLoader(split, 16, 8, seed=3).micro_batch(24)["input_ids"])
+
+
+def test_checkpoints_from_before_global_batches_resume_at_the_same_sample():
+    # then: batch_index counted micro-batches of train.batch_size, now micro_batch_size (see upgrade_train_section)
+    loader = CLMLoader(_split(16 * 200), 16, 8, seed=3, micro_batch_size=2)
+    loader.load_state_dict({"batch_index": 12, "seed": 3})
+    assert loader.state_dict()["samples"] == 24
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused():
+    with pytest.raises(LmforgeError, match=r"train.batch_size=10 .*train.micro_batch_size x processes = 3 x 2 = 6"):
+        CLMLoader(_split(1000), 16, 10, seed=0, rank=0, world_size=2, micro_batch_size=3)
+    with pytest.raises(LmforgeError, match="does not split evenly over 4 processes"):
+        batch_layout(10, 0, 4)
+    assert batch_layout(12, 2, 3) == (2, 2) and batch_layout(12, 0, 3) == (4, 1)
+
+
 def test_unshuffled_loader_reads_consecutive_blocks_from_the_start():
     loader = CLMLoader(_split(16 * 10), 16, 3, seed=5, order="sequential")
-    x = loader.batch(1)["input_ids"]
+    x = loader.micro_batch(1 * loader.batch_size)["input_ids"]
     assert x[:, 0].tolist() == [48, 64, 80]  # blocks 3, 4, 5
     assert loader.batches_per_epoch == 3  # 9 blocks fit (one block of slack for the label shift)
 

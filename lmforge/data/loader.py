@@ -1,9 +1,12 @@
 """Deterministic, resumable, rank-sharded batches from a token store split.
 
-Batch b of the run is a pure function of (seed, b): sample indices [b * G, (b + 1) * G) of the global
-stream, where G = per-rank batch size * world size; rank r takes the r-th slice of each. The position
-is one integer, so `state_dict()` is tiny and resumption is exact. Each loader turns a sample index
-into an example: CLMLoader a block of the token stream, MLMLoader a masked BERT sentence pair.
+The run reads one stream of samples, a pure function of (seed, sample index), in global batches of
+`batch_size` consecutive samples. Of each global batch, rank r of W takes the r-th of W equal
+consecutive parts, read in micro-batches of `micro_batch_size`: so the sequence of global batches is
+the same for any number of processes and any micro-batch size. The position is the index of the
+sample that starts the next global batch, so `state_dict()` is tiny, resumption is exact, and a run
+may resume with another world size. Each loader turns a sample index into an example: CLMLoader a
+block of the token stream, MLMLoader a masked BERT sentence pair.
 """
 
 from __future__ import annotations
@@ -22,51 +25,88 @@ from lmforge.errors import LmforgeError
 Batch = dict[str, torch.Tensor]
 
 
+def batch_layout(batch_size: int, micro_batch_size: int, world_size: int, prefix: str = "train") -> tuple[int, int]:
+    """(micro-batch, accumulation steps) per process for a global batch of `batch_size` over `world_size` processes.
+
+    micro_batch_size 0 means batch_size / world_size (no accumulation). The global batch must split
+    evenly, so that every process does the same work and the math is the same for any world size.
+    """
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if micro_batch_size == 0:
+        if batch_size % world_size:
+            raise LmforgeError(f"{prefix}.batch_size={batch_size} (the global batch) does not split evenly over "
+                               f"{processes}; use a multiple of {world_size}")
+        return batch_size // world_size, 1
+    if batch_size % (micro_batch_size * world_size):
+        raise LmforgeError(f"{prefix}.batch_size={batch_size} (the global batch) is not a multiple of "
+                           f"{prefix}.micro_batch_size x processes = {micro_batch_size} x {world_size} = "
+                           f"{micro_batch_size * world_size}")
+    return micro_batch_size, batch_size // (micro_batch_size * world_size)
+
+
 class _Loader:
-    """Position bookkeeping shared by the loaders; subclasses define examples_per_epoch and batch()."""
+    """Position bookkeeping shared by the loaders; subclasses define examples_per_epoch and examples()."""
 
     examples_per_epoch: int
 
-    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int):
+    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int, micro_batch_size: int = 0):
+        """batch_size: the global batch; micro_batch_size: samples per micro-batch on this rank (0: its whole part)."""
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.batch_index = 0
+        self.configured_micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.accum_steps = batch_layout(batch_size, micro_batch_size, world_size)
+        self.position = 0  # the sample index where the next global batch starts
+        self._micro = 0  # micro-batches of that global batch this rank has read
 
-    def sample_indices(self, batch_index: int) -> np.ndarray:
-        """This rank's global sample indices in global batch `batch_index`."""
-        first = (batch_index * self.world_size + self.rank) * self.batch_size
-        return np.arange(first, first + self.batch_size, dtype=np.int64)
+    def sample_indices(self, start: int, micro: int = 0) -> np.ndarray:
+        """This rank's sample indices in micro-batch `micro` of the global batch that starts at sample `start`."""
+        first = start + self.rank * (self.batch_size // self.world_size) + micro * self.micro_batch_size
+        return np.arange(first, first + self.micro_batch_size, dtype=np.int64)
 
-    def batch(self, batch_index: int) -> Batch:
+    def examples(self, samples: np.ndarray) -> Batch:
         raise NotImplementedError
 
+    def micro_batch(self, start: int, micro: int = 0) -> Batch:
+        """This rank's micro-batch `micro` of the global batch that starts at sample `start`."""
+        return self.examples(self.sample_indices(start, micro))
+
     def next(self) -> Batch:
-        """The batch at the current position; advances the position."""
-        batch = self.batch(self.batch_index)
-        self.batch_index += 1
+        """This rank's next micro-batch; after accum_steps of them the position moves to the next global batch."""
+        batch = self.micro_batch(self.position, self._micro)
+        self._micro += 1
+        if self._micro == self.accum_steps:
+            self._micro, self.position = 0, self.position + self.batch_size
         return batch
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.examples_per_epoch // (self.batch_size * self.world_size)
+        """Whole global batches in one epoch."""
+        return self.examples_per_epoch // self.batch_size
 
     @property
     def epoch(self) -> float:
-        return self.batch_index * self.batch_size * self.world_size / self.examples_per_epoch
+        return self.position / self.examples_per_epoch
 
     def state_dict(self) -> dict:
-        return {"batch_index": self.batch_index, "seed": self.seed}
+        if self._micro:
+            raise RuntimeError("loader state asked for in the middle of a global batch")  # a bug in the caller
+        return {"samples": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batch_index = int(state["batch_index"])
+        if "samples" in state:
+            self.position = int(state["samples"])
+        else:  # written before global batches: batch_index counted one process's micro-batches, which
+            # upgrade_train_section (lmforge/config.py) made micro_batch_size, or batch_size without accumulation
+            self.position = int(state["batch_index"]) * (self.configured_micro_batch_size or self.batch_size)
         self.seed = int(state["seed"])
+        self._micro = 0
 
 
 class CLMLoader(_Loader):
     """Causal-LM blocks: {"input_ids", "labels"}, labels being the inputs shifted by one."""
 
     def __init__(self, split: SplitReader, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, order: str = "blocks"):
-        super().__init__(batch_size, seed, rank, world_size)
+                 rank: int = 0, world_size: int = 1, order: str = "blocks", micro_batch_size: int = 0):
+        super().__init__(batch_size, seed, rank, world_size, micro_batch_size)
         self.split, self.block_size, self.order = split, block_size, order
         self.examples_per_epoch = self.blocks_per_epoch = num_blocks(split.num_tokens, block_size)
         self._epoch = -1
@@ -84,9 +124,8 @@ class CLMLoader(_Loader):
             starts[mask] = self._epoch_starts[positions[mask]]
         return starts
 
-    def batch(self, batch_index: int) -> Batch:
-        """This rank's inputs and labels of global batch `batch_index`, as int64 tensors."""
-        samples = self.sample_indices(batch_index)
+    def examples(self, samples: np.ndarray) -> Batch:
+        """Inputs and labels of these samples, as int64 tensors."""
         windows = np.stack([self.split.read(int(s), self.block_size + 1) for s in self._starts(samples)])
         x, y = inputs_and_labels(windows.astype(np.int64))
         return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
@@ -103,8 +142,8 @@ class MLMLoader(_Loader):
 
     def __init__(self, split: SplitReader, vocab: BertVocab, seq_len: int, batch_size: int, seed: int,
                  masking: MaskingSpec, short_seq_prob: float = 0.1, next_sentence: bool = True,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        super().__init__(batch_size, seed, rank, world_size)
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, micro_batch_size: int = 0):
+        super().__init__(batch_size, seed, rank, world_size, micro_batch_size)
         special = 3 if next_sentence else 2
         if seq_len < special + 2:
             raise LmforgeError(f"model.block_size={seq_len} leaves no room for text after the {special} special "
@@ -147,8 +186,8 @@ class MLMLoader(_Loader):
         masked, labels = mask_tokens(ids, types, self.vocab, self.masking, rng, self.random_pool)
         return masked, types, attention, labels, label
 
-    def batch(self, batch_index: int) -> Batch:
-        rows = [self.example(s) for s in self.sample_indices(batch_index)]
+    def examples(self, samples: np.ndarray) -> Batch:
+        rows = [self.example(s) for s in samples]
         columns = [np.stack([r[i] for r in rows]) for i in range(4)]
         return {"input_ids": torch.from_numpy(columns[0]), "token_type_ids": torch.from_numpy(columns[1]),
                 "attention_mask": torch.from_numpy(columns[2]), "mlm_labels": torch.from_numpy(columns[3]),
@@ -162,7 +201,8 @@ class MLMLoader(_Loader):
 def loader_for(config, store, split: str, training: bool, rank: int = 0, world_size: int = 1) -> _Loader:
     """The loader of the run's objective over `split` of `store`: shuffled for training, fixed for evaluation.
 
-    config: an lmforge Config; store: a TokenStore prepared for config.model.family.
+    config: an lmforge Config; store: a TokenStore prepared for config.model.family. Both read global
+    batches of train.batch_size in micro-batches of train.micro_batch_size.
     """
     from lmforge.data.tokenizer import load_tokenizer
 
@@ -171,15 +211,13 @@ def loader_for(config, store, split: str, training: bool, rank: int = 0, world_s
     if built_for != family:
         raise LmforgeError(f"token store {store.path} was prepared for model.family={built_for}, "
                            f"not {family}; prepare it again for this model")
+    layout = dict(rank=rank, world_size=world_size, micro_batch_size=tc.micro_batch_size)
     if family == "bert":
         m = config.mlm
         vocab = BertVocab.from_tokenizer(load_tokenizer(store.tokenizer_path))
         spec = MaskingSpec(m.mask_rate, m.mask_token_fraction, m.random_token_fraction, m.whole_word)
         return MLMLoader(store.split(split), vocab, config.model.block_size, tc.batch_size,
                          tc.seed if training else 0, spec, m.short_seq_prob, m.next_sentence,
-                         rank, world_size, shuffle=training)
-    if training:
-        return CLMLoader(store.split(split), config.model.block_size, tc.batch_size, tc.seed, rank, world_size,
-                         order=tc.windows)
-    return CLMLoader(store.split(split), config.model.block_size, tc.batch_size, seed=0, rank=rank,
-                     world_size=world_size, order="sequential")
+                         shuffle=training, **layout)
+    return CLMLoader(store.split(split), config.model.block_size, tc.batch_size, tc.seed if training else 0,
+                     order=tc.windows if training else "sequential", **layout)

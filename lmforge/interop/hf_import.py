@@ -118,7 +118,7 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
     from lmforge.train.checkpoint import rng_state, save_checkpoint
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.trainer import seed_everything
+    from lmforge.train.checkpoint import seed_everything
 
     if not directory.is_dir():
         raise LmforgeError(f"not a directory: {directory}")
@@ -157,7 +157,7 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         save_checkpoint(tmp / "checkpoints", 0, model, optimizer, {
             "tokens_seen": 0, "bad_steps_total": 0,
-            "loader": {"batch_index": 0, "seed": config.train.seed},  # a loader at its start (see data/loader.py)
+            "loader": {"samples": 0, "seed": config.train.seed},  # a loader at its start (see data/loader.py)
             "rng": rng_state(), "config": config.to_dict(),
             "imported_from": {"path": str(directory.resolve()), "architecture": architecture,
                               "weights": weights_file, "initialised": imported.missing_parts, "notes": notes},

@@ -67,6 +67,11 @@ class PreTrainingOutput:
     mlm_targets: Optional[torch.Tensor] = None  # the labels of the rows of mlm_logits
     nsp_labels: Optional[torch.Tensor] = None
 
+    def loss_terms(self) -> dict[str, Optional[torch.Tensor]]:
+        """The loss as terms, each keyed by the label tensor over whose non-ignored entries it is a mean
+        (so that a trainer can weight micro-batches into the exact mean over a larger batch)."""
+        return {"mlm_labels": self.mlm_loss, "nsp_labels": self.nsp_loss}
+
     def eval_sums(self) -> dict[str, tuple[float, int]]:
         """(sum, count) per validation metric, so evaluation can average over batches exactly."""
         sums: dict[str, tuple[float, int]] = {}

@@ -66,6 +66,11 @@ class CausalLMOutput:
         n = int((self.labels != IGNORE_INDEX).sum())
         return {"loss": (float(self.loss) * n, n)}
 
+    def loss_terms(self) -> dict[str, Optional[torch.Tensor]]:
+        """The loss as terms, each keyed by the label tensor over whose non-ignored entries it is a mean
+        (so that a trainer can weight micro-batches into the exact mean over a larger batch)."""
+        return {"labels": self.loss}
+
 
 class GPT(nn.Module):
     """Token + learned position embeddings, pre-LN blocks, final LayerNorm, LM head tied to the embeddings."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from lmforge.config import apply_overrides, from_dict, read_yaml
+from lmforge.config import ParallelConfig, apply_overrides, from_dict, read_yaml
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.tasks.metrics import check_metric_names, selection_metric
@@ -183,7 +183,8 @@ class FinetuneConfig:
     layer_lr_decay: float = 1.0  # layer l of L trains at lr * decay**(L - l), the embeddings at decay**L (1: off)
     epochs: float = 3.0
     steps: int = 0  # > 0: exactly this many optimizer steps, whatever epochs says
-    batch_size: int = 32
+    batch_size: int = 32  # examples per optimizer step, all processes together
+    micro_batch_size: int = 0  # examples per forward/backward pass on one process; 0 = batch_size / processes
     max_length: int = 128  # tokens per input, special tokens included; pairs are cut longest-first
     warmup: float = 0.1  # fraction of the steps with linear warm-up; then linear decay to 0
     weight_decay: float = 0.01
@@ -204,7 +205,7 @@ class FinetuneConfig:
             if getattr(self, key) <= 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         for key in ("steps", "eval_every", "patience", "keep_checkpoints", "weight_decay", "grad_clip",
-                    "generate_tokens"):
+                    "generate_tokens", "micro_batch_size"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
@@ -234,6 +235,7 @@ class FinetuneRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)  # labels filled in: the head's class order
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # how several processes share the work
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

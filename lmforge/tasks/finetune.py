@@ -13,6 +13,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,11 +43,17 @@ from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, 
 from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
 from lmforge.tasks.metrics import compute_metrics, is_better
 from lmforge.tasks.models import SequenceClassifier, build_task_model
-from lmforge.train.checkpoint import (Checkpoint, find_checkpoint, load_model_weights, rng_state, save_checkpoint,
-                                      set_rng_state, step_dirs)
+from lmforge.data.loader import batch_layout
+from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.train.checkpoint import (Checkpoint, all_rng_states, derived_seed, find_checkpoint, load_model_weights,
+                                      load_training_state, restore_rng_states, save_checkpoint, seed_everything,
+                                      step_dirs)
 from lmforge.train.device import autocast, resolve_device
+from lmforge.train.distributed import (World, all_reduce_sum, broadcast_object, check_launch, clip_grad_norm,
+                                       gradient_sync, parallelize, process_group, resolve_rank_device, run_on_main,
+                                       world_from_env)
 from lmforge.train.metrics import MetricsWriter
-from lmforge.train.trainer import StopRequest, seed_everything
+from lmforge.train.trainer import StopRequest
 
 BEST_FILE = "best"  # in checkpoints/, beside `latest`: names the checkpoint with the best dev score
 
@@ -67,15 +74,16 @@ def load_finetune_config(run_dir: Path, overrides: Sequence[str] = ()) -> Finetu
     config = from_dict(FinetuneRunConfig, data)
     config.model.validate("model")
     config.finetune.validate()
+    config.parallel.validate("parallel")
     return config
 
 
 def _apply_run_overrides(data: dict[str, Any], overrides: Sequence[str]) -> None:
     for text in overrides:
         key = text.split("=", 1)[0].strip()
-        if not (key == "name" or key.startswith("finetune.")):
-            raise LmforgeError(f"--set {text!r}: a fine-tune takes name=..., finetune.KEY=... or task.KEY=... "
-                               f"(see lmforge/tasks/config.py)")
+        if not (key == "name" or key.startswith("finetune.") or key.startswith("parallel.")):
+            raise LmforgeError(f"--set {text!r}: a fine-tune takes name=..., finetune.KEY=..., parallel.KEY=... "
+                               f"or task.KEY=... (see lmforge/tasks/config.py)")
     apply_overrides(data, list(overrides))
 
 
@@ -107,6 +115,7 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
     _apply_run_overrides(data, run_overrides)
     config = from_dict(FinetuneRunConfig, data)
     config.finetune.validate()
+    config.parallel.validate("parallel")
     config.model.dropout = config.finetune.dropout
     config.model.validate("model")
     if config.task.kind == "generation" and config.model.family != "gpt":
@@ -300,12 +309,37 @@ def _start_run_dir(config: FinetuneRunConfig, run_dir: Path) -> None:
 
 def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
              task: Optional[TaskData] = None) -> FinetuneResult:
-    """Fine-tune (or continue fine-tuning) config's model on its task; writes run_dir. `task`: preloaded data."""
+    """Fine-tune (or continue fine-tuning) config's model on its task; writes run_dir. `task`: preloaded data.
+
+    Under torchrun every process calls it; each trains on its part of every batch, rank 0 alone writes
+    the run files, and the results are those of one process on the same batches.
+    """
     started = time.time()
     ft = config.finetune
-    device = resolve_device(ft.device)
+    world = world_from_env()
+    device = resolve_rank_device(ft.device, world)
+    batch_layout(ft.batch_size, ft.micro_batch_size, world.size, prefix="finetune")  # refuse bad input before work
+    check_launch(config.parallel, config.model, device, world)
+    with process_group(world, device) as mesh:
+        return _finetune(config, run_dir, resume, progress and world.is_main, task, world, device, mesh, started)
+
+
+def _targets(item: Encoded) -> int:
+    """What the loss of one example averages over: its response tokens (generation), else the example."""
+    return sum(t != IGNORE_INDEX for t in item.target) if isinstance(item.target, list) else 1
+
+
+def rank_micro_batches(indices: np.ndarray, rank: int, world_size: int, accum: int) -> list[np.ndarray]:
+    """This process's micro-batches of a step's examples: its consecutive part, cut in `accum` pieces.
+    A short last batch of an epoch gives near-equal pieces, some of which may be empty."""
+    return np.array_split(np.array_split(indices, world_size)[rank], accum)
+
+
+def _finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool, progress: bool, task: Optional[TaskData],
+              world: World, device: torch.device, mesh: Any, started: float) -> FinetuneResult:
+    ft = config.finetune
     if not resume:
-        _check_new_run_dir(run_dir)
+        run_on_main(_check_new_run_dir, run_dir)
     tokenizer = load_tokenizer((run_dir if resume else Path(config.base_run)) / TOKENIZER_FILE)
     data = prepare_data(config, tokenizer, task)
     task = data.task
@@ -314,48 +348,48 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
         config.task.labels = task.label_names
     total = total_steps(ft, len(data.train))
     eval_every = ft.eval_every or steps_per_epoch(len(data.train), ft.batch_size)
+    micro, accum = batch_layout(ft.batch_size, ft.micro_batch_size, world.size, prefix="finetune")
 
     seed_everything(ft.seed)
     model = build_task_model(config.model, kind, task.num_outputs, ft.dropout)
+    if world.rank > 0:  # dropout masks of its own; rank 0 keeps the stream a single process would have
+        seed_everything(derived_seed(ft.seed, world.rank))
     state: dict[str, Any] = {"best_score": None, "best_step": None, "best": {}, "since_best": 0}
     step = 0
-    if resume:
-        ckpt = find_checkpoint(run_dir)
-        load_model_weights(model, ckpt.model_path)
-        model.to(device)
-        optimizer = _optimizer(model, ft, device)
-        optimizer.load_state_dict(ckpt.optimizer_state())
-        set_rng_state(ckpt.state["rng"])
-        step = ckpt.state["step"]
-        state.update({k: ckpt.state[k] for k in state})
-        if progress:
-            print(f"resuming {run_dir} from {ckpt.path.name} (step {step} of {total})", file=sys.stderr)
-    else:
+    if not resume:
         if ft.init == "pretrained":
             _initial_weights(config, model, task)
-        _start_run_dir(config, run_dir)  # only now: a task that does not fit leaves nothing behind
-        model.to(device)
-        optimizer = _optimizer(model, ft, device)
+        run_on_main(_start_run_dir, config, run_dir)  # only now: a task that does not fit leaves nothing behind
+    model.to(device)
+    train_model = parallelize(model, lambda m, batch: task_loss(m, batch, kind), config.parallel, mesh, device,
+                              ft.precision)
+    optimizer = _optimizer(model, ft, device)
+    if resume:
+        ckpt = run_on_main(find_checkpoint, run_dir)
+        load_training_state(ckpt, model, optimizer)
+        step = ckpt.state["step"]
+        rng_note = restore_rng_states(ckpt.state["rng"], world.rank, world.size, ft.seed, step)
+        state.update({k: ckpt.state[k] for k in state})
+        if progress:
+            print(f"resuming {run_dir} from {ckpt.path.name} (step {step} of {total})"
+                  + (f"; {rng_note}" if rng_note else ""), file=sys.stderr)
     if progress:
         budget = f"{ft.label_fraction:.0%} of train: " if ft.label_fraction < 1 else ""
+        layout = f" on {world.size} processes ({config.parallel.strategy})" if world.distributed else ""
         print(f"fine-tune {config.model.family} ({ft.init} init) on {task.name}: {budget}{len(data.train):,} "
-              f"examples, {total} steps of {ft.batch_size}, dev {len(data.dev):,}", file=sys.stderr)
+              f"examples, {total} steps of {ft.batch_size}{layout}, dev {len(data.dev):,}", file=sys.stderr)
 
-    metrics = MetricsWriter(run_dir, resume_step=step if resume else None)
+    metrics = MetricsWriter(run_dir, resume_step=step if resume else None) if world.is_main else None
     result = FinetuneResult(run_dir, step, total, train_examples=len(data.train))
     root = run_dir / "checkpoints"
 
     def checkpoint() -> None:
         try:
-            save_checkpoint(root, step, model, optimizer, {**state, "rng": rng_state(), "total_steps": total})
-            if state["best_step"] is not None:
-                write_atomic(root / BEST_FILE, f"step-{state['best_step']:06d}\n".encode("utf-8"))
+            save_checkpoint(root, step, model, optimizer, {**state, "rng": all_rng_states(), "total_steps": total})
+            if world.is_main:
+                _point_best_and_prune(root, step, state["best_step"], ft.keep_checkpoints)
         except OSError as exc:
             raise LmforgeError(f"could not write the step-{step} checkpoint ({exc.strerror or exc})") from None
-        keep = {f"step-{step:06d}", f"step-{state['best_step']:06d}" if state["best_step"] is not None else ""}
-        newest = [p for p in step_dirs(root) if p.name not in keep]
-        for old in newest[: len(newest) - (ft.keep_checkpoints - 1)] if ft.keep_checkpoints > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
 
     bar = tqdm(total=total, initial=step, desc=f"finetune {task.name}", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -367,13 +401,23 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * factor
             indices = batch_indices(len(data.train), ft.batch_size, ft.seed, step)
-            batch = {k: v.to(device) for k, v in collate([data.train[i] for i in indices], data.pad,
-                                                         kind == "regression").items()}
-            with autocast(device, ft.precision):
-                loss = task_loss(model, batch, kind)
-            loss.backward()
+            targets = sum(_targets(data.train[i]) for i in indices)
+            loss_sum = 0.0
+            for m, part in enumerate(rank_micro_batches(indices, world.rank, world.size, accum)):
+                weight = sum(_targets(data.train[i]) for i in part) / targets
+                if len(part) == 0:  # every process must run as many passes as the others: one that counts 0
+                    part = indices[:1]
+                batch = {k: v.to(device) for k, v in collate([data.train[i] for i in part], data.pad,
+                                                             kind == "regression").items()}
+                with gradient_sync(train_model, enabled=m == accum - 1):
+                    with autocast(device, ft.precision):
+                        loss = train_model(batch) * weight
+                    (loss * world.size).backward()  # DDP and FSDP average over processes; weights make a global mean
+                loss_sum += float(loss.detach())
+            totals = all_reduce_sum(torch.tensor([loss_sum, float(stop.signum is not None)], dtype=torch.float64))
+            loss_value, stopping = float(totals[0]), bool(totals[1] > 0)
             clip = ft.grad_clip if ft.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            grad_norm = float(clip_grad_norm(list(model.parameters()), clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -383,13 +427,14 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
             if step % ft.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "epoch": step / steps_per_epoch(len(data.train), ft.batch_size),
-                       "loss": loss.item(), "lr": ft.lr * factor, "grad_norm": grad_norm,
+                       "loss": loss_value, "lr": ft.lr * factor, "grad_norm": grad_norm,
                        "examples_per_s": window_examples / elapsed if elapsed > 0 else 0.0}
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 window_examples, window_start = 0, time.perf_counter()
             evaluated = step % eval_every == 0 or step == total
             if evaluated:
-                scores = evaluate_task(model, data.dev, task, data.pad, device, ft.precision)
+                # Every process scores the whole dev set (it is small); rank 0's scores decide for all.
+                scores = broadcast_object(evaluate_task(model, data.dev, task, data.pad, device, ft.precision))
                 row = {"step": step, **row, **scores}
                 score = selection_score(scores, task.config)
                 if is_better(score, state["best_score"]):
@@ -401,23 +446,25 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
                     bar.write(f"step {step}: dev {shown}" + ("  (best)" if state["best_step"] == step else ""),
                               file=sys.stderr)
                 window_start = time.perf_counter()
-            if row:
+            if row and metrics is not None:
                 metrics.log(row)
-            stopping = evaluated and ft.patience > 0 and state["since_best"] >= ft.patience
-            if evaluated or stop.signum is not None or step == total:
+            early_stop = evaluated and ft.patience > 0 and state["since_best"] >= ft.patience
+            if evaluated or stopping or step == total:
                 checkpoint()
                 window_start = time.perf_counter()
-            if stop.signum is not None:
-                result.interrupted_by = stop.signum
-                break
             if stopping:
+                result.interrupted_by = stop.signum or signal.SIGTERM
+                break
+            if early_stop:
                 result.stopped_early = True
                 if progress:
                     bar.write(f"early stop: no better dev score in {ft.patience} evaluations", file=sys.stderr)
                 break
     bar.close()
-    metrics.close()
     result.step, result.best_step, result.best = step, state["best_step"], state["best"]
+    if not world.is_main:
+        return result
+    metrics.close()
     plot_run(run_dir)
     result.seconds = time.time() - started
     if result.interrupted_by is None and kind == "generation" and ft.generate_tokens > 0:
@@ -432,6 +479,17 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
                "seconds": round(result.seconds, 1)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def _point_best_and_prune(root: Path, step: int, best_step: Optional[int], keep: int) -> None:
+    """`best` names the best checkpoint; of the others the newest `keep` stay (0: all), the just-written
+    one among them."""
+    if best_step is not None:
+        write_atomic(root / BEST_FILE, f"step-{best_step:06d}\n".encode("utf-8"))
+    kept = {f"step-{step:06d}", f"step-{best_step:06d}" if best_step is not None else ""}
+    newest = [p for p in step_dirs(root) if p.name not in kept]
+    for old in newest[: len(newest) - (keep - 1)] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ The model's output reports (sum, count) per metric for each batch (`eval_sums()`
 here are exact over tokens / masked positions / pairs, whatever the batch composition.
 gpt: val_loss (per token) and val_ppl. bert: val_mlm_loss, val_mlm_acc (on masked positions),
 val_nsp_loss, val_nsp_acc, and val_loss = val_mlm_loss + val_nsp_loss (the training loss).
+In a run of several processes each scores its part of every batch and the sums are added up, so the
+metrics are those of one process scoring everything.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.train.device import autocast
+from lmforge.train.distributed import all_gather_objects, all_reduce_sum
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, batches: int, device: torch.device, precision: str,
              progress: bool = False) -> dict[str, float]:
-    """Averages over the first `batches` batches of `loader` (at most one pass over its split).
+    """Averages over the first `batches` global batches of `loader` (at most one pass over its split).
 
-    Give it an unshuffled loader and every evaluation, in any run with any seed, scores the same
-    examples: the first ones of the split, or all of it when it is smaller than `batches` batches.
+    Give it an unshuffled loader and every evaluation, in any run with any seed and world size, scores
+    the same examples: the first ones of the split, or all of it when it is smaller than `batches` batches.
     """
     was_training = model.training
     model.eval()
@@ -33,14 +36,17 @@ def evaluate(model: nn.Module, loader, batches: int, device: torch.device, preci
     count_batches = max(1, min(batches, loader.batches_per_epoch))
     for index in tqdm(range(count_batches), desc="evaluating", unit="batch", disable=not progress,
                       file=sys.stderr, leave=False):
-        batch = {k: v.to(device) for k, v in loader.batch(index).items()}
-        with autocast(device, precision):
-            out = model(**batch)
-        for name, (total, count) in out.eval_sums().items():
-            sums[name][0] += total
-            sums[name][1] += count
+        for micro in range(loader.accum_steps):
+            batch = {k: v.to(device) for k, v in loader.micro_batch(index * loader.batch_size, micro).items()}
+            with autocast(device, precision):
+                out = model(**batch)
+            for name, (total, count) in out.eval_sums().items():
+                sums[name][0] += total
+                sums[name][1] += count
     model.train(was_training)
-    metrics = {f"val_{name}": total / count for name, (total, count) in sums.items() if count}
+    names = sorted(set().union(*all_gather_objects(sorted(sums))))
+    totals = all_reduce_sum(torch.tensor([sums[n] if n in sums else [0.0, 0] for n in names], dtype=torch.float64))
+    metrics = {f"val_{name}": float(total / count) for name, (total, count) in zip(names, totals.tolist()) if count}
     if "val_loss" in metrics:
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
     elif "val_mlm_loss" in metrics:
