@@ -155,6 +155,7 @@ def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
@@ -170,6 +171,9 @@ def plot_results(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.errorbar(labels, means, yerr=spreads, fmt=style, capsize=3, label=f"{init} init")
         metric = next(r["metric"] for r in rows if r["task"] == task)
         ax.set(xscale="log", xlabel="labeled examples used", ylabel=f"dev {metric}", title=task)
+        counts = sorted({r["labels"] for r in rows if r["task"] == task})
+        ax.set_xticks(counts, [f"{n:,}" for n in counts])  # the budgets themselves, not crowded log ticks
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
