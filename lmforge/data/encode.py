@@ -22,15 +22,21 @@ def boundary_token(tokenizer: Tokenizer, family: str) -> int:
     return special_id(tokenizer, EOS, "a causal LM needs to separate documents")
 
 
+def _encode_ids(tokenizer: Tokenizer, texts: list[str]):
+    """Encodings of `texts` without character offsets, which a store never needs (about 10% faster)."""
+    fast = getattr(tokenizer, "encode_batch_fast", None)  # tokenizers >= 0.20
+    return (fast or tokenizer.encode_batch)(texts, add_special_tokens=False)
+
+
 def encode_documents(tokenizer: Tokenizer, texts: list[str], family: str) -> list[np.ndarray]:
     """One int64 array per text; an empty array for a text with nothing to store."""
     end = boundary_token(tokenizer, family)
     if family != "bert":
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        encodings = _encode_ids(tokenizer, texts)
         return [np.fromiter((*enc.ids, end), dtype=np.int64, count=len(enc.ids) + 1) for enc in encodings]
     per_doc = [split_sentences(text) for text in texts]
     flat = [s for sentences in per_doc for s in sentences]
-    encodings = iter(tokenizer.encode_batch(flat, add_special_tokens=False))
+    encodings = iter(_encode_ids(tokenizer, flat))
     out = []
     for sentences in per_doc:
         ids: list[int] = []
