@@ -215,16 +215,18 @@ def _pretrain(config: Config, run_dir: Path, resume: bool, progress: bool, world
             lr = learning_rate(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [{k: v.to(device, non_blocking=True) for k, v in train_loader.next().items()}
-                             for _ in range(accum)]
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for i, (batch, weights) in enumerate(zip(micro_batches, loss_weights(micro_batches))):
+            host_batches = [train_loader.next() for _ in range(accum)]
+            shares = loss_weights(host_batches)  # counted on the host: no device sync per micro-batch
+            losses = []
+            for i, (host_batch, weights) in enumerate(zip(host_batches, shares)):
+                batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
                 with gradient_sync(train_model, enabled=i == accum - 1):
                     with autocast(device, tc.precision):
                         loss = weighted_loss(train_model(batch), weights)
                     # DDP and FSDP average gradients over processes; the weights already make a global mean
                     (loss * world.size).backward()
-                loss_sum += float(loss.detach())
+                losses.append(loss.detach())
+            loss_sum = torch.stack(losses).double().sum().cpu()  # one device sync per step
             # One collective for the step's loss and for stopping together (a signal may reach one process only).
             totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(stop.signum is not None),
                                                                          dtype=torch.float64)]))
