@@ -260,12 +260,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from lmforge.tasks.experiment import load_experiment, run_experiment
 
     overrides = list(args.overrides)
-    if args.tasks:
-        overrides.append(f"tasks=[{args.tasks}]")
-    if args.fractions:
-        overrides.append(f"fractions=[{args.fractions}]")
-    if args.seeds:
-        overrides.append(f"seeds=[{args.seeds}]")
+    # `--seeds ""` is an empty list (refused by validation), not "use the recipe's seeds".
+    for key in ("tasks", "fractions", "seeds"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}=[{getattr(args, key)}]")
     config = load_experiment(args.config, overrides)
     out = Path(args.out or Path("runs") / f"{config.name}-{Path(args.run).name}")
     rows = run_experiment(args.run, config, out, args.glue_root)

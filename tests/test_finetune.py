@@ -234,6 +234,8 @@ def test_label_count_mismatch_with_a_finetuned_head_is_a_clear_error(tmp_path, c
     (["finetune", "{base}", "--task", "nosuchtask"], "neither a directory nor a GLUE task name"),
     (["finetune", "--resume", "{base}"], "not a fine-tuned run"),
     (["predict", "{base}", "text"], "predict needs a fine-tuned run"),
+    (["experiment", "{base}", "--seeds", ""], "seeds: give one or more distinct seeds"),
+    (["experiment", "{base}", "--fractions", "0.5,1.5"], "fractions must be in (0, 1]"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
     base = make_base_run(tmp_path)
