@@ -1,10 +1,31 @@
-"""Timing helpers shared by the training-throughput benchmarks."""
+"""Helpers shared by the benchmarks: timing, and the gcide corpus with its BPE tokenizer."""
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+GCIDE = ROOT.parent / "shared" / "data" / "gcide" / "gcide.txt"
+
+
+def gcide_text() -> str:
+    """The whole gcide dictionary (it has a few non-UTF-8 bytes; lmforge replaces them too)."""
+    return GCIDE.read_text(encoding="utf-8", errors="replace")
+
+
+def gcide_bpe_tokenizer(text: str):
+    """The data benchmarks' tokenizer: byte-level BPE, vocab 8,192, trained on gcide's first 20 MB
+    (paragraphs as documents)."""
+    sys.path.insert(0, str(ROOT))
+    from lmforge.config import TokenizerConfig
+    from lmforge.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(text[:20_000_000].split("\n\n"), TokenizerConfig(kind="bpe", vocab_size=8192),
+                           show_progress=False)
 
 
 def alternate_rounds(steppers: dict[str, Callable[[int], float]], rounds: int, steps: int,

@@ -24,8 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT.parent / "shared" / "data" / "gcide" / "gcide.txt"
+from common import GCIDE as SOURCE, ROOT, gcide_bpe_tokenizer, gcide_text
 
 OURS = """
 import json, sys, time
@@ -116,17 +115,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=200, help="corpus size, at least (MB)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from lmforge.config import TokenizerConfig
-    from lmforge.data.tokenizer import train_tokenizer
-
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         tmp = Path(tmp)
         full = build_corpus(tmp / "full", args.mb)
         half = build_corpus(tmp / "half", args.mb // 2)
-        text = SOURCE.read_text(encoding="utf-8", errors="replace")[:20_000_000]
-        tokenizer = train_tokenizer(text.split("\n\n"), TokenizerConfig(kind="bpe", vocab_size=8192),
-                                    show_progress=False)
+        tokenizer = gcide_bpe_tokenizer(gcide_text())
         tokenizer.save(str(tmp / "tokenizer.json"))
         tok = str(tmp / "tokenizer.json")
         print(f"corpus: {full / 1e6:.0f} MB ({SOURCE.name} replicated; paragraphs as documents), "

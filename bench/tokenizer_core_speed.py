@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT.parent / "shared" / "data" / "gcide" / "gcide.txt"
+from common import gcide_bpe_tokenizer, gcide_text
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from lmforge.config import TokenizerConfig
-    from lmforge.data.tokenizer import train_tokenizer
-
-    text = SOURCE.read_text(encoding="utf-8", errors="replace")
-    tokenizer = train_tokenizer(text[:20_000_000].split("\n\n"), TokenizerConfig(kind="bpe", vocab_size=8192),
-                                show_progress=False)
+    text = gcide_text()
+    tokenizer = gcide_bpe_tokenizer(text)
     documents = text[25_000_000:31_000_000].split("\n\n")
     megabytes = sum(len(d.encode()) for d in documents) / 1e6
     print(f"{megabytes:.1f} MB of gcide paragraphs, TOKENIZERS_PARALLELISM="
