@@ -121,6 +121,11 @@ def process_group(world: World, device: torch.device) -> Iterator[Optional[Any]]
     _started = True
     try:
         yield init_device_mesh(device.type, (world.size,))
+        # Every process done with every collective before any tears gloo down: without this a rank that
+        # finishes first can close connections a peer's gloo thread still uses, and that peer aborts at
+        # exit ("terminate called without an active exception"), failing a finished run. Not on errors:
+        # a failed peer would never arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
