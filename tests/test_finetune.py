@@ -20,7 +20,7 @@ from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.tasks.batches import collate, encode_examples, encode_generation, task_tokenizer
 from lmforge.tasks.datasets import Example
 from lmforge.tasks.finetune import evaluate_finetuned, finetune, load_finetuned, plan_finetune, predict
-from lmforge.tasks.models import build_task_model
+from lmforge.tasks.models import build_task_model, decoder_hidden
 from lmforge.train.checkpoint import save_checkpoint
 
 POSITIVE = ["a great film", "good and fine", "great acting", "a good story", "fine and great", "good fun",
@@ -138,6 +138,54 @@ def test_gpt_classification_reads_the_last_real_token_whatever_the_padding(tmp_p
         assert not torch.allclose(model(changed, attention_mask=mask)[1], batched[1])
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_mean_pooling_averages_the_real_tokens_whatever_the_padding(tmp_path, family):
+    base = make_base_run(tmp_path, family)
+    config = config_from_dict(yaml.safe_load((base / "config.yaml").read_text())).model
+    torch.manual_seed(0)
+    model = build_task_model(config, "classification", 3, 0.0, pooling="mean").eval()
+    ids = torch.randint(5, config.vocab_size, (3, 10))
+    lengths = [10, 6, 3]
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        other_pads = model(torch.where(mask.bool(), ids, torch.full_like(ids, 7)), attention_mask=mask)
+        # Reference: each text alone, its final hidden states averaged in float64, through the same head.
+        expected = []
+        for row, n in enumerate(lengths):
+            alone = ids[row:row + 1, :n]
+            hidden = (model.backbone(alone)[0] if family == "bert" else decoder_hidden(model.backbone, alone))
+            expected.append(model.head(hidden.double().mean(1).float()))
+    assert torch.allclose(batched, torch.cat(expected), atol=1e-5)
+    assert torch.allclose(batched, other_pads, atol=1e-5)
+    # Unlike last-token pooling, an early token counts for a GPT too.
+    changed = ids.clone()
+    changed[1, 0] = (changed[1, 0] % (config.vocab_size - 6)) + 5
+    with torch.no_grad():
+        assert not torch.allclose(model(changed, attention_mask=mask)[1], batched[1])
+
+
+def test_mean_pooled_finetune_is_evaluated_and_exported_as_trained(tmp_path, capsys):
+    base = make_base_run(tmp_path, "gpt")
+    task = make_task(tmp_path, SENTIMENT)
+    run = tmp_path / "ft"
+    finetune(plan_finetune(base, str(task), [*FAST, "finetune.steps=30", "finetune.pooling=mean"]), run,
+             progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    loaded, metrics = evaluate_finetuned(run)
+    assert loaded.model.pooling == "mean" and metrics["val_accuracy"] == summary["dev"]["accuracy"]
+    assert abs(metrics["val_loss"] - summary["dev"]["loss"]) < 1e-5
+    (tmp_path / "b").mkdir()
+    bert = make_base_run(tmp_path / "b")
+    finetune(plan_finetune(bert, str(task), [*FAST, "finetune.steps=2", "finetune.pooling=mean"]),
+             tmp_path / "bert-ft", progress=False)
+    assert main(["export", str(tmp_path / "bert-ft"), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.pooling=mean" in err and "Traceback" not in err and not (tmp_path / "hf").exists()
+
+
 def test_prompt_response_loss_covers_only_the_response(tmp_path):
     base = make_base_run(tmp_path, "gpt")
     tok = load_tokenizer(base / "tokenizer.json")
@@ -235,6 +283,8 @@ def test_label_count_mismatch_with_a_finetuned_head_is_a_clear_error(tmp_path, c
     (["finetune", "--resume", "{base}"], "not a fine-tuned run"),
     (["predict", "{base}", "text"], "predict needs a fine-tuned run"),
     (["experiment", "{base}", "--seeds", ""], "seeds: give one or more distinct seeds"),
+    (["finetune", "{base}", "--task", "{task}", "--set", "finetune.pooling=last"], "finetune.pooling: pooling 'last'"),
+    (["finetune", "{base}", "--task", "{task}", "--set", "finetune.pooling=max"], "finetune.pooling"),
     (["experiment", "{base}", "--fractions", "0.5,1.5"], "fractions must be in (0, 1]"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
@@ -268,6 +318,12 @@ def test_experiment_compares_pretrained_and_random_init_per_budget(tmp_path, cap
     stamp = (out / "sent-f1-pretrained-s1" / "summary.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert (out / "sent-f1-pretrained-s1" / "summary.json").stat().st_mtime_ns == stamp
+    # ... but not cells trained with another recipe: their scores would stand for this one.
+    capsys.readouterr()
+    assert main([*argv, "--set", "finetune.pooling=mean"]) == 2
+    err = capsys.readouterr().err
+    assert "sent-f0.5-pretrained-s1 was fine-tuned with finetune.pooling=auto (now mean)" in err
+    assert "Traceback" not in err and (out / "sent-f1-pretrained-s1" / "summary.json").stat().st_mtime_ns == stamp
 
 
 def test_gpt_pairs_and_regression_fine_tune_end_to_end(tmp_path):

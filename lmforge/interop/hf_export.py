@@ -102,6 +102,10 @@ def export_run(run_dir: Path, out: Path, checkpoint: Optional[str] = None) -> Ex
         if task.kind == "generation":
             files = export_model(config, tuned.model.state_dict(), tuned.tokenizer, out)
             return Exported(out, ARCHITECTURE[config.family], tuned.checkpoint.path.name, files)
+        if config.family == "bert" and tuned.model.pooling != "cls":
+            # BertForSequenceClassification classifies the pooled [CLS] vector only.
+            raise LmforgeError(f"{run_dir} was fine-tuned with finetune.pooling={tuned.config.finetune.pooling}; "
+                               f"only [CLS]-pooled BERT classifiers export to transformers")
         labels = [task.name] if task.kind == "regression" else list(task.labels or [])
         files = export_classifier(config, tuned.model.state_dict(), labels, tuned.tokenizer, out)
         return Exported(out, "BertForSequenceClassification", tuned.checkpoint.path.name, files)

@@ -199,6 +199,9 @@ class FinetuneConfig:
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
+    # classifiers' summary vector: auto = pooled [CLS] (bert) / last real token (gpt); cls; last; or mean
+    # = the average final hidden state over the real tokens (either family)
+    pooling: Literal["auto", "cls", "last", "mean"] = "auto"
 
     def validate(self, prefix: str = "finetune") -> "FinetuneConfig":
         for key in ("batch_size", "max_length", "log_every"):

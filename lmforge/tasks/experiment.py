@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 from lmforge.config import apply_overrides, from_dict, read_yaml, resolve_recipe
 from lmforge.errors import LmforgeError
-from lmforge.tasks.config import FinetuneConfig, resolve_task_config
+from lmforge.run import CONFIG_FILE
+from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, resolve_task_config
 from lmforge.tasks.datasets import TaskData, load_task
 from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
 
@@ -80,10 +81,11 @@ def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
         short_name = resolve_task_config(task_name, data_root).name
         for fraction, seed, init in itertools.product(config.fractions, config.seeds, INITS):
             run_dir = out / _cell_name(short_name, fraction, init, seed)
+            recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction, seed=seed)
+            _check_cell_matches(run_dir, plan_finetune(pretrained, task_name, data_root=data_root, finetune=recipe))
             summary = _finished(run_dir)
             if summary is None:
                 task = task or load_task(task_name, data_root)
-                recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction, seed=seed)
                 summary = _run_cell(pretrained, task_name, task, recipe, run_dir, data_root, progress)
             metric = summary["select_metric"]
             rows.append({"task": summary["task"], "fraction": fraction, "seed": seed, "init": init,
@@ -94,6 +96,28 @@ def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
     (out / "results.md").write_text(results_table(rows, config, pretrained) + "\n", encoding="utf-8")
     plot_results(rows, out / "results.png")
     return rows
+
+
+# Settings that do not change what a cell learns: a cell may be finished on another device.
+_IRRELEVANT = {"device", "log_every", "keep_checkpoints"}
+
+
+def _check_cell_matches(run_dir: Path, planned: FinetuneRunConfig) -> None:
+    """Refuse to reuse (or continue) a cell that an earlier run of OUT trained differently: its score
+    would stand in the table for a recipe it was not trained with."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return
+    cell = load_finetune_config(run_dir)
+    differences = [f"finetune.{f.name}={getattr(cell.finetune, f.name)} (now {getattr(planned.finetune, f.name)})"
+                   for f in dataclasses.fields(FinetuneConfig) if f.name not in _IRRELEVANT
+                   and getattr(cell.finetune, f.name) != getattr(planned.finetune, f.name)]
+    if Path(cell.base_run).resolve() != Path(planned.base_run).resolve() or \
+            cell.base_checkpoint != planned.base_checkpoint:
+        differences.append(f"base {cell.base_run} {cell.base_checkpoint} (now {planned.base_run} "
+                           f"{planned.base_checkpoint})")
+    if differences:
+        raise LmforgeError(f"{run_dir} was fine-tuned with {', '.join(differences)}; give the experiment "
+                           f"another --out, or remove that cell to train it again")
 
 
 def _run_cell(pretrained: str | Path, task_name: str, task: TaskData, recipe: FinetuneConfig, run_dir: Path,

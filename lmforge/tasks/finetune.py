@@ -42,7 +42,7 @@ from lmforge.tasks.batches import (Encoded, batch_indices, collate, decode_respo
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, resolve_task_config
 from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
 from lmforge.tasks.metrics import compute_metrics, is_better
-from lmforge.tasks.models import SequenceClassifier, build_task_model
+from lmforge.tasks.models import SequenceClassifier, build_task_model, resolve_pooling
 from lmforge.data.loader import batch_layout
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.train.checkpoint import (Checkpoint, all_rng_states, derived_seed, find_checkpoint, load_model_weights,
@@ -121,6 +121,11 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
     if config.task.kind == "generation" and config.model.family != "gpt":
         raise LmforgeError(f"task {config.task.name}: generation fine-tunes a decoder (gpt) run; "
                            f"{base_run} is a {config.model.family} run")
+    if config.task.kind != "generation":
+        try:
+            resolve_pooling(config.finetune.pooling, config.model.family)
+        except ValueError as err:
+            raise LmforgeError(f"finetune.pooling: {err} ({base_run} is a {config.model.family} run)") from None
     return config
 
 
@@ -351,7 +356,7 @@ def _finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool, progress: 
     micro, accum = batch_layout(ft.batch_size, ft.micro_batch_size, world.size, prefix="finetune")
 
     seed_everything(ft.seed)
-    model = build_task_model(config.model, kind, task.num_outputs, ft.dropout)
+    model = build_task_model(config.model, kind, task.num_outputs, ft.dropout, ft.pooling)
     if world.rank > 0:  # dropout masks of its own; rank 0 keeps the stream a single process would have
         seed_everything(derived_seed(ft.seed, world.rank))
     state: dict[str, Any] = {"best_score": None, "best_step": None, "best": {}, "since_best": 0}
@@ -512,7 +517,7 @@ def load_finetuned(run_dir: str | Path, checkpoint: Optional[str] = None,
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     ckpt = best_checkpoint(run_dir) if checkpoint is None else find_checkpoint(run_dir, checkpoint)
     outputs = 1 if config.task.kind == "regression" else len(config.task.labels or [])
-    model = build_task_model(config.model, config.task.kind, outputs, 0.0)
+    model = build_task_model(config.model, config.task.kind, outputs, 0.0, config.finetune.pooling)
     load_model_weights(model, ckpt.model_path)
     model.to(device).eval()
     return LoadedFinetune(config, tokenizer, model, ckpt)

@@ -1,8 +1,11 @@
 """Task models over a pretrained stack: sequence classification / regression for encoders and decoders.
 
-BERT is classified on its pooled [CLS] vector (the pooler pretrained by next-sentence prediction);
-a GPT on its final hidden state at the last real token, the only position that has read the whole
-input. Generation fine-tunes the GPT itself, so it needs no wrapper.
+By default (pooling "auto") BERT is classified on its pooled [CLS] vector (the pooler pretrained by
+next-sentence prediction) and a GPT on its final hidden state at the last real token, the only
+position that has read the whole input. Pooling "mean" averages the final hidden states of the real
+tokens instead: for a small causal model the last position is a poor summary of a sentence pair
+(each earlier position has read a prefix, and together they cover it). Generation fine-tunes the
+GPT itself, so it needs no wrapper.
 """
 
 from __future__ import annotations
@@ -14,6 +17,29 @@ from lmforge.model import build_model
 from lmforge.model.config import ModelConfig
 from lmforge.model.heads import ClassificationHead
 from lmforge.model.transformer import GPT, init_weights
+
+POOLINGS = ("auto", "cls", "last", "mean")
+
+
+def resolve_pooling(pooling: str, family: str) -> str:
+    """'auto' -> the family's natural summary vector ('cls' for bert, 'last' for gpt); checks the pair."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pooling == "auto":
+        return "cls" if family == "bert" else "last"
+    if pooling == "cls" and family != "bert":
+        raise ValueError("pooling 'cls' needs a BERT (a GPT has no [CLS] token); use 'last' or 'mean'")
+    if pooling == "last" and family == "bert":
+        raise ValueError("pooling 'last' is for GPTs (a BERT's last real token is [SEP]); use 'cls' or 'mean'")
+    return pooling
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of (batch, length, d) hidden states over the real tokens (attention_mask 1): (batch, d)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def decoder_hidden(gpt: GPT, input_ids: torch.Tensor) -> torch.Tensor:
@@ -28,9 +54,10 @@ def decoder_hidden(gpt: GPT, input_ids: torch.Tensor) -> torch.Tensor:
 class SequenceClassifier(nn.Module):
     """A Transformer stack + ClassificationHead: class logits, or one score for regression."""
 
-    def __init__(self, backbone: nn.Module, num_outputs: int, dropout: float):
+    def __init__(self, backbone: nn.Module, num_outputs: int, dropout: float, pooling: str = "auto"):
         super().__init__()
         self.config: ModelConfig = backbone.config
+        self.pooling = resolve_pooling(pooling, self.config.family)
         self.backbone = backbone  # BertEncoder (bert) or GPT (gpt)
         self.head = ClassificationHead(self.config.d_model, num_outputs, dropout)
         self.head.apply(lambda m: init_weights(m, self.config))
@@ -43,23 +70,28 @@ class SequenceClassifier(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, length) inputs, right-padded; attention_mask 1 for real tokens. Returns (batch, num_outputs)."""
         if self.config.family == "bert":
-            _, features = self.backbone(input_ids, token_type_ids, attention_mask)
+            hidden, pooled = self.backbone(input_ids, token_type_ids, attention_mask)
+            features = pooled if self.pooling == "cls" else mean_pool(hidden, attention_mask)
         else:
             # Right padding and causal attention: real positions never see the pads, so no mask is needed.
             hidden = decoder_hidden(self.backbone, input_ids)
-            last = (attention_mask.sum(1) - 1 if attention_mask is not None
-                    else torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device))
-            features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            if self.pooling == "mean":
+                features = mean_pool(hidden, attention_mask)
+            else:
+                last = (attention_mask.sum(1) - 1 if attention_mask is not None
+                        else torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device))
+                features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(features)
 
 
-def build_task_model(config: ModelConfig, kind: str, num_outputs: int, dropout: float) -> nn.Module:
+def build_task_model(config: ModelConfig, kind: str, num_outputs: int, dropout: float,
+                     pooling: str = "auto") -> nn.Module:
     """A freshly initialised task model: SequenceClassifier, or the GPT itself for generation."""
     pretraining_model = build_model(config)
     if kind == "generation":
         return pretraining_model
     backbone = pretraining_model.bert if config.family == "bert" else pretraining_model
-    return SequenceClassifier(backbone, num_outputs, dropout)
+    return SequenceClassifier(backbone, num_outputs, dropout, pooling)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
