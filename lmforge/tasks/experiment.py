@@ -115,6 +115,8 @@ def _check_cell_matches(run_dir: Path, planned: FinetuneRunConfig) -> None:
             cell.base_checkpoint != planned.base_checkpoint:
         differences.append(f"base {cell.base_run} {cell.base_checkpoint} (now {planned.base_run} "
                            f"{planned.base_checkpoint})")
+    if Path(cell.task.path).resolve() != Path(planned.task.path).resolve():
+        differences.append(f"task {cell.task.path} (now {planned.task.path})")
     if differences:
         raise LmforgeError(f"{run_dir} was fine-tuned with {', '.join(differences)}; give the experiment "
                            f"another --out, or remove that cell to train it again")
