@@ -116,16 +116,23 @@ def test_pair_inputs_get_correct_token_types(tmp_path):
         assert cut.ids == item.ids and cut.type_ids == item.type_ids
 
 
+LENGTHS = [10, 6, 3]
+
+
+def padded_batch(vocab_size: int, low: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (ids >= low: no special tokens) of LENGTHS real tokens, right-padded, and their attention mask."""
+    ids = torch.randint(low, vocab_size, (len(LENGTHS), max(LENGTHS)))
+    mask = (torch.arange(ids.shape[1]) < torch.tensor(LENGTHS).unsqueeze(1)).long()
+    return ids, mask
+
+
 def test_gpt_classification_reads_the_last_real_token_whatever_the_padding(tmp_path):
     torch.manual_seed(0)
     base = make_base_run(tmp_path, "gpt")
     config = config_from_dict(yaml.safe_load((base / "config.yaml").read_text())).model
     model = build_task_model(config, "classification", 3, 0.0).eval()
-    ids = torch.randint(1, config.vocab_size, (3, 10))
-    lengths = [10, 6, 3]
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, :n] = 1
+    ids, mask = padded_batch(config.vocab_size, low=1)
+    lengths = LENGTHS
     with torch.no_grad():
         batched = model(ids, attention_mask=mask)
         other_pads = model(torch.where(mask.bool(), ids, torch.full_like(ids, 7)), attention_mask=mask)
@@ -144,17 +151,13 @@ def test_mean_pooling_averages_the_real_tokens_whatever_the_padding(tmp_path, fa
     config = config_from_dict(yaml.safe_load((base / "config.yaml").read_text())).model
     torch.manual_seed(0)
     model = build_task_model(config, "classification", 3, 0.0, pooling="mean").eval()
-    ids = torch.randint(5, config.vocab_size, (3, 10))
-    lengths = [10, 6, 3]
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, :n] = 1
+    ids, mask = padded_batch(config.vocab_size, low=5)
     with torch.no_grad():
         batched = model(ids, attention_mask=mask)
         other_pads = model(torch.where(mask.bool(), ids, torch.full_like(ids, 7)), attention_mask=mask)
         # Reference: each text alone, its final hidden states averaged in float64, through the same head.
         expected = []
-        for row, n in enumerate(lengths):
+        for row, n in enumerate(LENGTHS):
             alone = ids[row:row + 1, :n]
             hidden = (model.backbone(alone)[0] if family == "bert" else decoder_hidden(model.backbone, alone))
             expected.append(model.head(hidden.double().mean(1).float()))
