@@ -172,7 +172,8 @@ def test_bert_on_two_processes_resumes_with_every_rank_rng_restored(tmp_path):
 def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch):
     from test_finetune import SENTIMENT, make_base_run, make_task
 
-    base, task = make_base_run(tmp_path), make_task(tmp_path, SENTIMENT)
+    # A dev set of 144 is 3 evaluation batches (64, 64, 16): rank 0 scores two, rank 1 one and a discarded repeat.
+    base, task = make_base_run(tmp_path), make_task(tmp_path, SENTIMENT, dev=SENTIMENT * 9)
     env = _env(tmp_path / "cache")
     # 16 examples in batches of 6: each epoch ends with a batch of 4, which leaves one of each
     # process's 3 micro-batches empty.
@@ -187,6 +188,7 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch):
     one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert one["best_checkpoint"] == two["best_checkpoint"]
     assert abs(one["dev"]["loss"] - two["dev"]["loss"]) / one["dev"]["loss"] < RTOL
+    assert one["dev"]["accuracy"] == two["dev"]["accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ from lmforge.train.checkpoint import (Checkpoint, all_rng_states, derived_seed, 
                                       load_training_state, restore_rng_states, save_checkpoint, seed_everything,
                                       step_dirs)
 from lmforge.train.device import autocast, resolve_device
-from lmforge.train.distributed import (World, all_reduce_sum, broadcast_object, check_launch, clip_grad_norm,
-                                       gradient_sync, parallelize, process_group, resolve_rank_device, run_on_main,
-                                       world_from_env)
+from lmforge.train.distributed import (World, all_gather_objects, all_reduce_sum, broadcast_object, check_launch,
+                                       clip_grad_norm, gradient_sync, parallelize, process_group, rank_and_size,
+                                       resolve_rank_device, run_on_main, world_from_env)
 from lmforge.train.metrics import MetricsWriter
 from lmforge.train.trainer import StopRequest
 
@@ -214,15 +214,27 @@ def evaluate_task(model: nn.Module, items: Sequence[Encoded], task: TaskData, pa
     model.eval()
     kind = task.config.kind
     loss_sum, count, outputs = 0.0, 0, {}
-    for indices in length_sorted_batches(items, batch_size):
-        batch = {k: v.to(device) for k, v in collate([items[i] for i in indices], pad, kind == "regression").items()}
+    # Under torchrun each process scores every size-th batch. All run the same number of forward
+    # passes (one with nothing left repeats the first batch and discards it): FSDP gathers the
+    # weights in every pass, and a process that skipped one would leave its peers waiting.
+    rank, size = rank_and_size()
+    batches = length_sorted_batches(items, batch_size)
+    mine = batches[rank::size]
+    for pass_index in range(-(-len(batches) // size)):
+        indices = mine[pass_index] if pass_index < len(mine) else None
+        rows = [items[i] for i in (indices if indices is not None else batches[0])]
+        batch = {k: v.to(device) for k, v in collate(rows, pad, kind == "regression").items()}
         with autocast(device, precision):
             if kind == "generation":
                 out = model(batch["input_ids"], labels=batch["labels"])
-                n = int((batch["labels"] != -100).sum())
-                loss_sum, count = loss_sum + float(out.loss) * n, count + n
-                continue
-            logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+            else:
+                logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+        if indices is None:
+            continue
+        if kind == "generation":
+            n = int((batch["labels"] != -100).sum())
+            loss_sum, count = loss_sum + float(out.loss) * n, count + n
+            continue
         if kind == "regression":
             loss_sum += float(F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum"))
         else:
@@ -231,6 +243,10 @@ def evaluate_task(model: nn.Module, items: Sequence[Encoded], task: TaskData, pa
         for i, row in zip(indices, logits.cpu()):
             outputs[i] = row
     model.train(was_training)
+    if size > 1:  # every process gets every part, so all compute the same metrics
+        parts = all_gather_objects((loss_sum, count, outputs))
+        loss_sum, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        outputs = {i: row for p in parts for i, row in p[2].items()}
     metrics = {"val_loss": loss_sum / max(1, count)}
     if kind == "generation":
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
@@ -438,7 +454,7 @@ def _finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool, progress: 
                 window_examples, window_start = 0, time.perf_counter()
             evaluated = step % eval_every == 0 or step == total
             if evaluated:
-                # Every process scores the whole dev set (it is small); rank 0's scores decide for all.
+                # The processes share the dev set's batches; rank 0's scores decide for all.
                 scores = broadcast_object(evaluate_task(model, data.dev, task, data.pad, device, ft.precision))
                 row = {"step": step, **row, **scores}
                 score = selection_score(scores, task.config)

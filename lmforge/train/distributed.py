@@ -210,6 +210,11 @@ def is_main() -> bool:
     return not _active() or dist.get_rank() == 0
 
 
+def rank_and_size() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if _active() else (0, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Wrapping a model for training
 
