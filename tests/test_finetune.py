@@ -323,9 +323,9 @@ def test_experiment_compares_pretrained_and_random_init_per_budget(tmp_path, cap
     assert (out / "sent-f1-pretrained-s1" / "summary.json").stat().st_mtime_ns == stamp
     # ... but not cells trained with another recipe: their scores would stand for this one.
     capsys.readouterr()
-    assert main([*argv, "--set", "finetune.pooling=mean"]) == 2
+    assert main([*argv, "--set", "finetune.pooling=cls"]) == 2
     err = capsys.readouterr().err
-    assert "sent-f0.5-pretrained-s1 was fine-tuned with finetune.pooling=auto (now mean)" in err
+    assert "sent-f0.5-pretrained-s1 was fine-tuned with finetune.pooling=mean (now cls)" in err
     assert "Traceback" not in err and (out / "sent-f1-pretrained-s1" / "summary.json").stat().st_mtime_ns == stamp
 
 
