@@ -14,6 +14,8 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 
+PEER_ERROR_GRACE_S = 10.0  # how long a non-zero rank waits for rank 0 to report a shared input error
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML recipe: a path, or the name of a shipped recipe "
@@ -410,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmforge {args.verb} [rank {os.environ.get('RANK', '0')}]: error: {exc}", file=sys.stderr)
         elif _is_main_process():
             print(f"lmforge {args.verb}: error: {exc}", file=sys.stderr)
+        elif os.environ.get("TORCHELASTIC_RUN_ID"):
+            # Under torchrun the first process to exit makes it stop the others: wait, so that rank 0
+            # (failing on the same input) says why before it is stopped. Still running afterwards, the
+            # error was this process's own: say it.
+            time.sleep(PEER_ERROR_GRACE_S)
+            print(f"lmforge {args.verb} [rank {os.environ.get('RANK', '0')}]: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.verb}: interrupted", file=sys.stderr)

@@ -250,7 +250,7 @@ def test_torchrun_with_a_bad_global_batch_fails_fast_with_one_line(tmp_path, cor
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("lmforge pretrain")]
     assert ours == ["lmforge pretrain: error: train.batch_size=7 (the global batch) does not split evenly over "
-                    "2 processes; use a multiple of 2"]
+                    "2 processes; use a multiple of 2"], done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
