@@ -169,7 +169,9 @@ def test_bert_on_two_processes_resumes_with_every_rank_rng_restored(tmp_path):
     assert any("val_nsp_acc" in r for r in rows) and (full / "samples.txt").is_file()  # rank 0 filled the mask
 
 
-def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch):
+# pooling=mean leaves BERT's [CLS] pooler unused: DDP and FSDP must not wait for its gradient.
+@pytest.mark.parametrize("strategy, pooling", [("fsdp", "auto"), ("ddp", "mean"), ("fsdp", "mean")])
+def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch, strategy, pooling):
     from test_finetune import SENTIMENT, make_base_run, make_task
 
     # A dev set of 144 is 3 evaluation batches (64, 64, 16): rank 0 scores two, rank 1 one and a discarded repeat.
@@ -179,10 +181,10 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch):
     # process's 3 micro-batches empty.
     common = ["finetune", str(base), "--task", str(task), "--set", "finetune.dropout=0", "--set", "finetune.lr=3e-3",
               "--set", "finetune.batch_size=6", "--set", "finetune.warmup=0", "--set", "finetune.log_every=1",
-              "--set", "finetune.steps=9", "--set", "finetune.eval_every=3"]
+              "--set", "finetune.steps=9", "--set", "finetune.eval_every=3", "--set", f"finetune.pooling={pooling}"]
     monkeypatch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", "parallel.strategy=fsdp",
+    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", f"parallel.strategy={strategy}",
               "--set", "finetune.micro_batch_size=1", env=env)
     _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
     one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))

@@ -171,6 +171,8 @@ def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
     n_layer = model.config.n_layer
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied parameters appear once
+        if not param.requires_grad:
+            continue
         if name.startswith("head."):
             lr = ft.head_lr if ft.head_lr is not None else ft.lr
         else:

@@ -59,6 +59,10 @@ class SequenceClassifier(nn.Module):
         self.config: ModelConfig = backbone.config
         self.pooling = resolve_pooling(pooling, self.config.family)
         self.backbone = backbone  # BertEncoder (bert) or GPT (gpt)
+        if self.config.family == "bert" and self.pooling != "cls":
+            # The [CLS] pooler goes unused: frozen, it needs no gradient (DDP would wait for one)
+            # and no optimizer state.
+            backbone.pooler.requires_grad_(False)
         self.head = ClassificationHead(self.config.d_model, num_outputs, dropout)
         self.head.apply(lambda m: init_weights(m, self.config))
 
