@@ -82,7 +82,9 @@ def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
         for fraction, seed, init in itertools.product(config.fractions, config.seeds, INITS):
             run_dir = out / _cell_name(short_name, fraction, init, seed)
             recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction, seed=seed)
-            _check_cell_matches(run_dir, plan_finetune(pretrained, task_name, data_root=data_root, finetune=recipe))
+            if (run_dir / CONFIG_FILE).is_file():  # an earlier run of OUT left this cell: trained the same way?
+                _check_cell_matches(run_dir, plan_finetune(pretrained, task_name, data_root=data_root,
+                                                           finetune=recipe))
             summary = _finished(run_dir)
             if summary is None:
                 task = task or load_task(task_name, data_root)
@@ -105,8 +107,6 @@ _IRRELEVANT = {"device", "log_every", "keep_checkpoints"}
 def _check_cell_matches(run_dir: Path, planned: FinetuneRunConfig) -> None:
     """Refuse to reuse (or continue) a cell that an earlier run of OUT trained differently: its score
     would stand in the table for a recipe it was not trained with."""
-    if not (run_dir / CONFIG_FILE).is_file():
-        return
     cell = load_finetune_config(run_dir)
     differences = [f"finetune.{f.name}={getattr(cell.finetune, f.name)} (now {getattr(planned.finetune, f.name)})"
                    for f in dataclasses.fields(FinetuneConfig) if f.name not in _IRRELEVANT
