@@ -386,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """lmforge's log messages (e.g. which encoder prepare uses) go to stderr as plain lines."""
+    import logging
+
+    logger = logging.getLogger("lmforge")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def _is_main_process() -> bool:
     """Rank 0 of a torchrun launch, or the only process."""
     return os.environ.get("RANK", "0") == "0"
@@ -401,6 +413,7 @@ def _launcher() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return args.func(args)
     except LmforgeError as exc:

@@ -23,13 +23,15 @@ from typing import Iterator
 
 import numpy as np
 
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
 from lmforge.data.store import (SplitWriter, TokenStore, dtype_for_vocab, move_tail, shard_is_intact, write_atomic,
                                 write_manifest)
-from lmforge.data.encode import boundary_token, encode_documents
+from lmforge.data.encode import boundary_token, encode_documents, split_text
+from lmforge.data.fast_encoder import batch_encoder, tiktoken_encoding
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -146,15 +148,18 @@ def _verified_shards(root: Path, split: str, entries: list[dict], dtype: np.dtyp
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_json: str, family: str, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, family: str, dtype: str, max_chars: int) -> None:
     from tokenizers import Tokenizer
 
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), family=family, dtype=np.dtype(dtype))
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker.update(tokenizer=tokenizer, encode=batch_encoder(tokenizer), family=family, dtype=np.dtype(dtype),
+                   max_chars=max_chars)
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `texts` back to back, and each text's length in tokens."""
-    arrays = encode_documents(_worker["tokenizer"], texts, _worker["family"])
+    arrays = encode_documents(_worker["tokenizer"], texts, _worker["family"], _worker["max_chars"],
+                              _worker["encode"])
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     return tokens.astype(_worker["dtype"]), lengths
@@ -164,11 +169,12 @@ class _Encoder:
     """Encodes batches in order: in this process (workers=1) or in a pool, at most 2 batches per worker
     in flight, so memory does not grow with the corpus."""
 
-    def __init__(self, tokenizer, family: str, dtype: np.dtype, workers: int):
+    def __init__(self, tokenizer, family: str, dtype: np.dtype, workers: int, max_chars: int):
         self.workers = workers
         self.pending: deque = deque()
         self.pool = None
-        args = (tokenizer.to_str(), family, dtype.name)
+        args = (tokenizer.to_str(), family, dtype.name, max_chars)
+        tiktoken_encoding(Tokenizer.from_str(args[0]))  # converted (or refused, said once) here, before the fork
         if workers == 1:
             _init_worker(*args)
             return
@@ -251,7 +257,7 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     total_bytes = sum(p.stat().st_size for p in resolve_corpus_files(sources)) if sources else 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} worker"
                f"{'s' if workers > 1 else ''})", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    encoder = _Encoder(tokenizer, family, dtype, workers)
+    encoder = _Encoder(tokenizer, family, dtype, workers, config.max_document_chars)
     encoded_bytes = 0
 
     def write(meta, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -348,8 +354,10 @@ def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documen
         if progress:
             print(f"training a {config.tokenizer.kind} tokenizer ...", file=sys.stderr)
         by_document = config.split.by == "document"
-        train_texts = (d.text for d in documents()
-                       if not (by_document and is_validation(d.text, config.split.val_fraction)))
+        # pieces of long documents, so one huge document cannot blow the trainer's memory
+        train_texts = (piece for d in documents()
+                       if not (by_document and is_validation(d.text, config.split.val_fraction))
+                       for piece in split_text(d.text, config.max_document_chars))
         tokenizer = train_tokenizer(train_texts, config.tokenizer, family, show_progress=progress)
     tokenizer.save(str(saved))
     state["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
