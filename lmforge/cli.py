@@ -390,9 +390,12 @@ def _log_to_stderr() -> None:
     """lmforge's log messages (e.g. which encoder prepare uses) go to stderr as plain lines."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):  # whatever sys.stderr is when a message comes (tests swap it)
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
     logger = logging.getLogger("lmforge")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -6,7 +6,7 @@ import pytest
 
 from lmforge.config import TokenizerConfig
 from lmforge.data.encode import encode_documents, split_text
-from lmforge.data.fast_encoder import batch_encoder, tiktoken_encoding
+from lmforge.data.fast_encoder import _say_once, batch_encoder, tiktoken_encoding
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.interop.hf_tokenizer import _gpt2_from_vocab
 
@@ -78,6 +78,7 @@ def test_gpt2_fast_path_gives_gpt2s_known_ids(gpt2):
 def test_other_tokenizers_fall_back_and_say_so_once(kind, caplog):
     tokenizer = train_tokenizer(varied_texts(200, seed=3), TokenizerConfig(kind=kind, vocab_size=3000),
                                 family="bert" if kind == "wordpiece" else "gpt", show_progress=False)
+    _say_once.cache_clear()  # said once per process: forget what earlier tests made it say
     with caplog.at_level(logging.INFO, logger="lmforge"):
         assert tiktoken_encoding(tokenizer) is None
         assert tiktoken_encoding(tokenizer) is None

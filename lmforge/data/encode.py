@@ -43,15 +43,18 @@ def _last_match(pattern: re.Pattern, text: str, start: int, end: int) -> int:
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
+    """`text` cut into pieces of at most max_chars characters (see iter_pieces)."""
+    return list(iter_pieces(text, max_chars))
+
+
+def iter_pieces(text: str, max_chars: int) -> Iterator[str]:
     """`text` cut into pieces of at most max_chars characters, each cut as late as possible in its window.
 
     A cut goes before a space between two non-space characters (ids unchanged, see _EXACT_CUT), in the
     window's second half; failing that before any whitespace, failing that anywhere (a run of max_chars
     characters without a space: the ids around that cut may differ from encoding the whole).
     """
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
+    start = 0
     while len(text) - start > max_chars:
         end = start + max_chars
         cut = _last_match(_EXACT_CUT, text, start + max_chars // 2, end)
@@ -59,10 +62,9 @@ def split_text(text: str, max_chars: int) -> list[str]:
             cut = _last_match(_WHITESPACE, text, start + 1, end)
         if cut <= start:
             cut = end
-        pieces.append(text[start:cut])
+        yield text[start:cut]
         start = cut
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:] if start else text
 
 
 def encode_texts(encode: Encode, texts: list[str], max_chars: int) -> list[np.ndarray]:
@@ -96,15 +98,20 @@ def encode_texts(encode: Encode, texts: list[str], max_chars: int) -> list[np.nd
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], family: str,
-                     max_chars: int = MAX_DOCUMENT_CHARS, encode: Encode | None = None) -> list[np.ndarray]:
+                     max_chars: int = MAX_DOCUMENT_CHARS, encode: Encode | None = None,
+                     ends: list[bool] | None = None) -> list[np.ndarray]:
     """One int64 array per text; an empty array for a text with nothing to store.
 
     encode: the tokenizer's batch encoder when the caller already made one (see fast_encoder.batch_encoder).
+    ends: gpt only, whether each text ends its document (False: a piece the next text continues, no
+    end-of-text token after it). A bert piece always ends its last sentence.
     """
     end = boundary_token(tokenizer, family)
     encode = encode or batch_encoder(tokenizer)
     if family != "bert":
-        return [_with_end(ids, [len(ids)], end) for ids in encode_texts(encode, texts, max_chars)]
+        ends = [True] * len(texts) if ends is None else ends
+        return [_with_end(ids, [len(ids)], end) if last else ids.astype(np.int64)
+                for ids, last in zip(encode_texts(encode, texts, max_chars), ends)]
     per_doc = [split_sentences(text) for text in texts]
     encoded: Iterator[np.ndarray] = iter(encode_texts(encode, [s for doc in per_doc for s in doc], max_chars))
     out = []

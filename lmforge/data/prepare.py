@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
-from lmforge.data.store import (SplitWriter, TokenStore, dtype_for_vocab, move_tail, shard_is_intact, write_atomic,
-                                write_manifest)
-from lmforge.data.encode import boundary_token, encode_documents, split_text
+from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_for_vocab, move_tail,
+                                shard_is_intact, write_atomic, write_manifest, writing)
+from lmforge.data.encode import boundary_token, encode_documents, iter_pieces, split_text
 from lmforge.data.fast_encoder import batch_encoder, tiktoken_encoding
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
@@ -95,12 +95,15 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     state = _read_progress(partial, fingerprint)
     if state is None:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        with writing(partial):
+            partial.mkdir(parents=True)
         state = {"fingerprint": fingerprint}
     elif progress:
         print(f"resuming the interrupted prepare in {partial}", file=sys.stderr)
     try:
         manifest = _build(config, family, partial, state, workers, progress)
+    except StoreWriteError:  # a full disk or a read-only directory: what is finished stays, for a re-run
+        raise
     except LmforgeError:  # bad input or settings: a re-run would stop the same way, so nothing is kept
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -111,9 +114,10 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     write_manifest(partial, manifest)
     (partial / PROGRESS).unlink()
     shutil.rmtree(partial / "curate", ignore_errors=True)
-    if target.exists():
-        target.rmdir()
-    os.replace(partial, target)
+    with writing(target):
+        if target.exists():
+            target.rmdir()
+        os.replace(partial, target)
     return target
 
 
@@ -156,10 +160,10 @@ def _init_worker(tokenizer_json: str, family: str, dtype: str, max_chars: int) -
                    max_chars=max_chars)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts` back to back, and each text's length in tokens."""
+def _encode(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` back to back, and each text's length in tokens (ends: see encode_documents)."""
     arrays = encode_documents(_worker["tokenizer"], texts, _worker["family"], _worker["max_chars"],
-                              _worker["encode"])
+                              _worker["encode"], ends)
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
     tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     return tokens.astype(_worker["dtype"]), lengths
@@ -189,12 +193,12 @@ class _Encoder:
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
 
-    def submit(self, texts: list[str], meta) -> Iterator[tuple]:
+    def submit(self, texts: list[str], ends: list[bool], meta) -> Iterator[tuple]:
         """Queue a batch; yield (meta, tokens, lengths) of batches finished in submission order."""
         if self.pool is None:
-            yield (meta, *_encode(texts))
+            yield (meta, *_encode(texts, ends))
             return
-        self.pending.append((meta, self.pool.apply_async(_encode, (texts,))))
+        self.pending.append((meta, self.pool.apply_async(_encode, (texts, ends))))
         while len(self.pending) > 2 * self.workers:
             meta, result = self.pending.popleft()
             yield (meta, *result.get())
@@ -261,32 +265,50 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     encoded_bytes = 0
 
     def write(meta, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        indices, to_val = meta
+        indices, to_val, ends = meta
         for name, mask in (("train", ~to_val), ("val", to_val)):
             keep = mask & (lengths > 0)
-            if keep.any():
-                writers[name].add_many(tokens[np.repeat(keep, lengths)], lengths[keep], indices[keep])
+            if keep.all():
+                writers[name].add_many(tokens, lengths, indices, ends)
+            elif keep.any():
+                writers[name].add_many(tokens[np.repeat(keep, lengths)], lengths[keep], indices[keep], ends[keep])
+
+    batch: dict[str, list] = {"texts": [], "indices": [], "to_val": [], "ends": []}
+
+    def submit() -> Iterator[tuple]:
+        texts, ends = batch["texts"], batch["ends"]
+        meta = (np.asarray(batch["indices"], dtype=np.int64), np.asarray(batch["to_val"], dtype=bool),
+                np.asarray(ends, dtype=bool))
+        for key in batch:  # new lists: the pool pickles the submitted ones later, in its own thread
+            batch[key] = []
+        yield from encoder.submit(texts, ends, meta)
 
     try:
-        texts, indices, to_val, size = [], [], [], 0
+        size = 0
         for index, doc in enumerate(documents(stats)):
             val = by_document and is_validation(doc.text, config.split.val_fraction)
             if index >= skip_until["val" if val else "train"]:
-                texts.append(doc.text)
-                indices.append(index)
-                to_val.append(val)
-                size += len(doc.text)
-            if size >= ENCODE_BATCH_BYTES:
-                encoded_bytes += size
-                for done_batch in encoder.submit(texts, (np.asarray(indices), np.asarray(to_val, dtype=bool))):
-                    write(*done_batch)
-                texts, indices, to_val, size = [], [], [], 0
+                # a long document goes in pieces, each in the batch it fills: memory is bounded by a piece
+                pieces = iter_pieces(doc.text, config.max_document_chars)
+                piece = next(pieces)
+                while piece is not None:
+                    following = next(pieces, None)
+                    for key, value in (("texts", piece), ("indices", index), ("to_val", val),
+                                       ("ends", following is None)):
+                        batch[key].append(value)
+                    size += len(piece)
+                    if size >= ENCODE_BATCH_BYTES:
+                        encoded_bytes += size
+                        for done_batch in submit():
+                            write(*done_batch)
+                        size = 0
+                    piece = following
             bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
             if index % 1000 == 0:
                 bar.set_postfix(docs=f"{stats.documents:,}", refresh=False)
-        if texts:
+        if batch["texts"]:
             encoded_bytes += size
-            for done_batch in encoder.submit(texts, (np.asarray(indices), np.asarray(to_val, dtype=bool))):
+            for done_batch in submit():
                 write(*done_batch)
         for done_batch in encoder.drain():
             write(*done_batch)
@@ -359,7 +381,11 @@ def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documen
                        if not (by_document and is_validation(d.text, config.split.val_fraction))
                        for piece in split_text(d.text, config.max_document_chars))
         tokenizer = train_tokenizer(train_texts, config.tokenizer, family, show_progress=progress)
-    tokenizer.save(str(saved))
+    try:
+        tokenizer.save(str(saved))
+    except Exception as exc:  # the Rust side raises plain Exception for an OSError
+        raise StoreWriteError(f"cannot write {saved}: {exc}; free space or fix the directory's permissions, "
+                              f"then re-run") from None
     state["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
     _save_progress(root, state)
     return tokenizer
