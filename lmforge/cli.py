@@ -45,6 +45,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lmforge.verify import verify
+
+    checked, problems = verify(args.path)
+    for line in checked:
+        print(f"checked: {line}")
+    for problem in problems:
+        print(f"BAD: {problem}")
+    if problems:
+        raise LmforgeError(f"{args.path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} found (listed above)")
+    print(f"{args.path}: every checksum matches")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.run import load_run_config
@@ -301,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="tokenizer and curation processes (default: data.workers; "
                    "0 = one per core); the store is the same for any number")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("verify", help="check every checksum of a token store, or of a run's checkpoints and store")
+    p.add_argument("path", help="token store directory or run directory")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("pretrain", help="pretrain a model (no arguments: the built-in default)")
     _add_config_args(p)

@@ -61,6 +61,13 @@ def _content_settings(config: DataConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("store", "workers")}
 
 
+def store_location(config: DataConfig, family: str, fingerprint: str | None = None) -> Path:
+    """Where the token store for `config` lives: data.store, or a cache directory keyed by the data's hash."""
+    if config.store:
+        return Path(config.store)
+    return cache_dir() / "stores" / (fingerprint or data_fingerprint(config, family))[:20]
+
+
 def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
 
@@ -79,7 +86,7 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     """
     workers = resolve_workers(config.workers if workers is None else workers)
     fingerprint = data_fingerprint(config, family)
-    target = Path(out or config.store or cache_dir() / "stores" / fingerprint[:20])
+    target = Path(out) if out else store_location(config, family, fingerprint)
     if (target / "manifest.json").is_file():
         existing = TokenStore(target).manifest.get("fingerprint")
         if existing == fingerprint:
