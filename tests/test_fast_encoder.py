@@ -118,3 +118,20 @@ def test_long_documents_encoded_in_pieces_give_the_ids_of_the_whole(kind, reques
     whole = encode_documents(tokenizer, [long_doc], "gpt" if family == "gpt" else "bert", max_chars=10**7)
     pieces = encode_documents(tokenizer, [long_doc], "gpt" if family == "gpt" else "bert", max_chars=1000)
     assert len(whole[0]) > 5000 and np.array_equal(whole[0], pieces[0])
+
+
+def test_a_batch_encoded_in_one_call_equals_each_document_encoded_alone(trained_bpe):
+    from lmforge.data.encode import encode_stream
+    from lmforge.data.fast_encoder import joined_encoder
+
+    texts = varied_texts(300, seed=8) + ["", "x"]
+    reference = encode_documents(trained_bpe, texts, "gpt")
+    joined = joined_encoder(trained_bpe, "<|endoftext|>")
+    assert joined is not None
+    for batch in (texts, texts[:50] + ["a doc holding <|endoftext|> itself"] + texts[50:60]):
+        tokens, lengths = encode_stream(trained_bpe, batch, "gpt", 10**6, batch_encoder(trained_bpe),
+                                        [True] * len(batch), joined)
+        expected = encode_documents(trained_bpe, batch, "gpt")
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert np.array_equal(tokens, np.concatenate(expected))
+    assert [len(r) for r in reference][-2:] == [1, 2]  # an empty document is its end-of-text token alone

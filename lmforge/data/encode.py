@@ -11,7 +11,7 @@ A pure function of (tokenizer, texts), so any number of worker processes produce
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -121,6 +121,24 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], family: str,
         ids = np.concatenate(kept) if kept else np.zeros(0, dtype=np.uint32)
         out.append(_with_end(ids, [len(k) for k in kept], end))
     return out
+
+
+def encode_stream(tokenizer: Tokenizer, texts: list[str], family: str, max_chars: int, encode: Encode,
+                  ends: list[bool], joined: Callable[[list[str]], np.ndarray] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """What encode_documents gives, as the ids of all texts back to back (uint32) and each text's length.
+
+    joined: fast_encoder.joined_encoder(tokenizer, EOS), which encodes a whole batch of gpt documents in
+    one call; used when every text ends its document and none holds the end-of-text token itself.
+    """
+    if joined is not None and family != "bert" and all(ends) and all(len(t) <= max_chars for t in texts) \
+            and not any(EOS in t for t in texts):
+        tokens = joined(texts)
+        stops = np.flatnonzero(tokens == boundary_token(tokenizer, family))
+        return tokens, np.diff(stops, prepend=-1)
+    arrays = encode_documents(tokenizer, texts, family, max_chars, encode, ends)
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    return (np.concatenate(arrays).astype(np.uint32) if arrays else np.zeros(0, dtype=np.uint32)), lengths
 
 
 def _with_end(ids: np.ndarray, lengths: list[int], end: int) -> np.ndarray:

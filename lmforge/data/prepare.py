@@ -30,9 +30,9 @@ from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
 from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_for_vocab, move_tail,
                                 shard_is_intact, write_atomic, write_manifest, writing)
-from lmforge.data.encode import boundary_token, encode_documents, iter_pieces, split_text
-from lmforge.data.fast_encoder import batch_encoder, tiktoken_encoding
-from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
+from lmforge.data.encode import boundary_token, encode_stream, iter_pieces, split_text
+from lmforge.data.fast_encoder import batch_encoder, joined_encoder, tiktoken_encoding
+from lmforge.data.tokenizer import EOS, load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
 ENCODE_BATCH_BYTES = 1 << 20  # text per encoding task (a worker's unit of work)
@@ -164,16 +164,14 @@ def _init_worker(tokenizer_json: str, family: str, dtype: str, max_chars: int) -
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     _worker.update(tokenizer=tokenizer, encode=batch_encoder(tokenizer), family=family, dtype=np.dtype(dtype),
-                   max_chars=max_chars)
+                   max_chars=max_chars, joined=joined_encoder(tokenizer, EOS) if family == "gpt" else None)
 
 
 def _encode(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `texts` back to back, and each text's length in tokens (ends: see encode_documents)."""
-    arrays = encode_documents(_worker["tokenizer"], texts, _worker["family"], _worker["max_chars"],
-                              _worker["encode"], ends)
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-    return tokens.astype(_worker["dtype"]), lengths
+    w = _worker
+    tokens, lengths = encode_stream(w["tokenizer"], texts, w["family"], w["max_chars"], w["encode"], ends, w["joined"])
+    return tokens.astype(w["dtype"]), lengths
 
 
 class _Encoder:
@@ -280,29 +278,33 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
             elif keep.any():
                 writers[name].add_many(tokens[np.repeat(keep, lengths)], lengths[keep], indices[keep], ends[keep])
 
-    batch: dict[str, list] = {"texts": [], "indices": [], "to_val": [], "ends": []}
+    texts: list[str] = []
+    indices: list[int] = []
+    to_val: list[bool] = []
+    ends: list[bool] = []
 
     def submit() -> Iterator[tuple]:
-        texts, ends = batch["texts"], batch["ends"]
-        meta = (np.asarray(batch["indices"], dtype=np.int64), np.asarray(batch["to_val"], dtype=bool),
-                np.asarray(ends, dtype=bool))
-        for key in batch:  # new lists: the pool pickles the submitted ones later, in its own thread
-            batch[key] = []
-        yield from encoder.submit(texts, ends, meta)
+        meta = (np.asarray(indices, dtype=np.int64), np.asarray(to_val, dtype=bool), np.asarray(ends, dtype=bool))
+        # copies: the pool pickles the submitted lists later, in its own thread, and these are reused
+        yield from encoder.submit(texts.copy(), ends.copy(), meta)
+        for values in (texts, indices, to_val, ends):
+            values.clear()
 
     try:
         size = 0
+        max_chars = config.max_document_chars
         for index, doc in enumerate(documents(stats)):
             val = by_document and is_validation(doc.text, config.split.val_fraction)
             if index >= skip_until["val" if val else "train"]:
                 # a long document goes in pieces, each in the batch it fills: memory is bounded by a piece
-                pieces = iter_pieces(doc.text, config.max_document_chars)
+                pieces = iter_pieces(doc.text, max_chars) if len(doc.text) > max_chars else iter((doc.text,))
                 piece = next(pieces)
                 while piece is not None:
                     following = next(pieces, None)
-                    for key, value in (("texts", piece), ("indices", index), ("to_val", val),
-                                       ("ends", following is None)):
-                        batch[key].append(value)
+                    texts.append(piece)
+                    indices.append(index)
+                    to_val.append(val)
+                    ends.append(following is None)
                     size += len(piece)
                     if size >= ENCODE_BATCH_BYTES:
                         encoded_bytes += size
@@ -310,10 +312,11 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
                             write(*done_batch)
                         size = 0
                     piece = following
-            bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
             if index % 1000 == 0:
+                bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
                 bar.set_postfix(docs=f"{stats.documents:,}", refresh=False)
-        if batch["texts"]:
+        bar.update(stats.bytes - bar.n)
+        if texts:
             encoded_bytes += size
             for done_batch in submit():
                 write(*done_batch)
