@@ -35,7 +35,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import prepare
     from lmforge.data.store import TokenStore
 
-    config = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"data.executor={args.executor}"] if args.executor else []),
+                 *([f"data.tasks={args.tasks}"] if args.tasks is not None else [])]
+    config = load_config(args.config, overrides)
     if args.workers is not None and args.workers < 0:
         raise LmforgeError(f"--workers must be >= 0 (0 = one per CPU core), got {args.workers}")
     path = prepare(config.data, config.model.family, out=args.out, workers=args.workers)
@@ -314,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store directory (default: data.store, or a cache directory)")
     p.add_argument("--workers", type=int, help="tokenizer and curation processes (default: data.workers; "
                    "0 = one per core); the store is the same for any number")
+    p.add_argument("--executor", choices=["local", "slurm", "ray"], help="tokenize as datatrove tasks on this "
+                   "executor (default: data.executor, else this process's pool); the store is the same")
+    p.add_argument("--tasks", type=int, help="datatrove tasks, each a share of the corpus files (default: data.tasks; "
+                   "0 = one per file)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("verify", help="check every checksum of a token store, or of a run's checkpoints and store")

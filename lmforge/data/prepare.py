@@ -32,6 +32,7 @@ from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_
                                 shard_is_intact, write_atomic, write_manifest, writing)
 from lmforge.data.encode import boundary_token, encode_stream, iter_pieces, split_text
 from lmforge.data.fast_encoder import batch_encoder, joined_encoder, tiktoken_encoding
+from lmforge.data.prepare_tasks import TasksUnfinished
 from lmforge.data.tokenizer import EOS, load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -58,7 +59,8 @@ def data_fingerprint(config: DataConfig, family: str) -> str:
 
 def _content_settings(config: DataConfig) -> dict:
     """The data settings that decide what the store holds (not where it goes, nor how many workers build it)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("store", "workers")}
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in ("store", "workers", "executor", "tasks", "slurm_partition", "slurm_time")}
 
 
 def store_location(config: DataConfig, family: str, fingerprint: str | None = None) -> Path:
@@ -109,8 +111,8 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
         print(f"resuming the interrupted prepare in {partial}", file=sys.stderr)
     try:
         manifest = _build(config, family, partial, state, workers, progress)
-    except StoreWriteError:  # a full disk or a read-only directory: what is finished stays, for a re-run
-        raise
+    except (StoreWriteError, TasksUnfinished):  # a full disk, a read-only directory, failed or queued tasks:
+        raise  # what is finished stays, for a re-run
     except LmforgeError:  # bad input or settings: a re-run would stop the same way, so nothing is kept
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -120,7 +122,8 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     manifest["fingerprint"] = fingerprint
     write_manifest(partial, manifest)
     (partial / PROGRESS).unlink()
-    shutil.rmtree(partial / "curate", ignore_errors=True)
+    for scratch in ("curate", "parts", "logs"):
+        shutil.rmtree(partial / scratch, ignore_errors=True)
     with writing(target):
         if target.exists():
             target.rmdir()
@@ -265,9 +268,12 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     stats = CorpusStats()
     total_bytes = sum(p.stat().st_size for p in resolve_corpus_files(sources)) if sources else 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} worker"
-               f"{'s' if workers > 1 else ''})", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    encoder = _Encoder(tokenizer, family, dtype, workers, config.max_document_chars)
-    encoded_bytes = 0
+               f"{'s' if workers > 1 else ''})", disable=not progress or bool(config.executor), file=sys.stderr,
+               dynamic_ncols=True)
+    if progress and config.executor:
+        print(f"tokenizing as datatrove tasks (executor {config.executor}; logs in {root / 'logs' / 'encode'})",
+              file=sys.stderr)
+    encoder = None if config.executor else _Encoder(tokenizer, family, dtype, workers, config.max_document_chars)
 
     def write(meta, tokens: np.ndarray, lengths: np.ndarray) -> None:
         indices, to_val, ends = meta
@@ -278,52 +284,16 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
             elif keep.any():
                 writers[name].add_many(tokens[np.repeat(keep, lengths)], lengths[keep], indices[keep], ends[keep])
 
-    texts: list[str] = []
-    indices: list[int] = []
-    to_val: list[bool] = []
-    ends: list[bool] = []
-
-    def submit() -> Iterator[tuple]:
-        meta = (np.asarray(indices, dtype=np.int64), np.asarray(to_val, dtype=bool), np.asarray(ends, dtype=bool))
-        # copies: the pool pickles the submitted lists later, in its own thread, and these are reused
-        yield from encoder.submit(texts.copy(), ends.copy(), meta)
-        for values in (texts, indices, to_val, ends):
-            values.clear()
-
     try:
-        size = 0
-        max_chars = config.max_document_chars
-        for index, doc in enumerate(documents(stats)):
-            val = by_document and is_validation(doc.text, config.split.val_fraction)
-            if index >= skip_until["val" if val else "train"]:
-                # a long document goes in pieces, each in the batch it fills: memory is bounded by a piece
-                pieces = iter_pieces(doc.text, max_chars) if len(doc.text) > max_chars else iter((doc.text,))
-                piece = next(pieces)
-                while piece is not None:
-                    following = next(pieces, None)
-                    texts.append(piece)
-                    indices.append(index)
-                    to_val.append(val)
-                    ends.append(following is None)
-                    size += len(piece)
-                    if size >= ENCODE_BATCH_BYTES:
-                        encoded_bytes += size
-                        for done_batch in submit():
-                            write(*done_batch)
-                        size = 0
-                    piece = following
-            if index % 1000 == 0:
-                bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
-                bar.set_postfix(docs=f"{stats.documents:,}", refresh=False)
-        bar.update(stats.bytes - bar.n)
-        if texts:
-            encoded_bytes += size
-            for done_batch in submit():
-                write(*done_batch)
-        for done_batch in encoder.drain():
-            write(*done_batch)
+        if encoder is None:
+            stats = _encode_as_tasks(config, family, root, tokenizer, dtype, sources, fmt, curated is not None,
+                                     workers, skip_until, write)
+            encoded_bytes = stats.bytes
+        else:
+            encoded_bytes = _encode_here(config, documents(stats), stats, by_document, skip_until, encoder, write, bar)
     finally:
-        encoder.close()
+        if encoder is not None:
+            encoder.close()
         bar.set_postfix(docs=f"{stats.documents:,}")
         bar.close()
     if stats.documents == 0:
@@ -370,6 +340,97 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
               f"{parts} in {seconds:.1f}s ({rate:.1f} MB/s tokenizing, {workers} worker"
               f"{'s' if workers > 1 else ''})", file=sys.stderr)
     return manifest
+
+
+def _encode_here(config: DataConfig, docs: Iterator[Document], stats: CorpusStats, by_document: bool,
+                 skip_until: dict, encoder: "_Encoder", write, bar) -> int:
+    """Encode the document stream with this process's pool, in batches of ENCODE_BATCH_BYTES; return the
+    characters encoded."""
+    texts: list[str] = []
+    indices: list[int] = []
+    to_val: list[bool] = []
+    ends: list[bool] = []
+
+    def submit() -> Iterator[tuple]:
+        meta = (np.asarray(indices, dtype=np.int64), np.asarray(to_val, dtype=bool), np.asarray(ends, dtype=bool))
+        # copies: the pool pickles the submitted lists later, in its own thread, and these are reused
+        yield from encoder.submit(texts.copy(), ends.copy(), meta)
+        for values in (texts, indices, to_val, ends):
+            values.clear()
+
+    size = encoded_bytes = 0
+    max_chars = config.max_document_chars
+    for index, doc in enumerate(docs):
+        val = by_document and is_validation(doc.text, config.split.val_fraction)
+        if index >= skip_until["val" if val else "train"]:
+            # a long document goes in pieces, each in the batch it fills: memory is bounded by a piece
+            pieces = iter_pieces(doc.text, max_chars) if len(doc.text) > max_chars else iter((doc.text,))
+            piece = next(pieces)
+            while piece is not None:
+                following = next(pieces, None)
+                texts.append(piece)
+                indices.append(index)
+                to_val.append(val)
+                ends.append(following is None)
+                size += len(piece)
+                if size >= ENCODE_BATCH_BYTES:
+                    encoded_bytes += size
+                    for done_batch in submit():
+                        write(*done_batch)
+                    size = 0
+                piece = following
+        if index % 1000 == 0:
+            bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
+            bar.set_postfix(docs=f"{stats.documents:,}", refresh=False)
+    bar.update(stats.bytes - bar.n)
+    if texts:
+        encoded_bytes += size
+        for done_batch in submit():
+            write(*done_batch)
+    for done_batch in encoder.drain():
+        write(*done_batch)
+    return encoded_bytes
+
+
+def _encode_as_tasks(config: DataConfig, family: str, root: Path, tokenizer, dtype: np.dtype, sources, fmt: str,
+                     curated: bool, workers: int, skip_until: dict, write) -> CorpusStats:
+    """Encode the corpus as datatrove tasks (see prepare_tasks), then feed their parts to `write` in corpus
+    order, with the document indices a local prepare gives; return the corpus statistics."""
+    from lmforge.data.prepare_tasks import EncodeFiles, make_executor, read_parts, run_tasks
+
+    files = [str(p) for p in resolve_corpus_files(sources)] if sources else []
+    parts = root / "parts"
+    with writing(parts):
+        parts.mkdir(exist_ok=True)
+    step = EncodeFiles(files, str(parts), tokenizer.to_str(), family, dtype.name, config.max_document_chars,
+                       config.split.by == "document", config.split.val_fraction, fmt,
+                       "text" if curated else config.text_field, config.txt_documents, config.encoding_errors)
+    tasks = max(1, min(config.tasks or len(files), len(files)))
+    logs = root / "logs" / "encode"
+    executor = make_executor(config.executor, step, tasks, max(1, min(workers, tasks)), logs,
+                             config.slurm_partition, config.slurm_time)
+    run_tasks(executor, config.executor, logs)
+    stats = CorpusStats()
+    first = 0
+    for tokens, lengths, to_val, part_stats in read_parts(parts, len(files), dtype):
+        for key, value in part_stats.items():
+            setattr(stats, key, getattr(stats, key) + value)
+        stops = np.cumsum(lengths)
+        # runs of documents of about 1M tokens: memory stays bounded whatever a part's size
+        cuts = [0, *np.searchsorted(stops, np.arange(1 << 20, int(stops[-1]) if len(stops) else 0, 1 << 20)), len(lengths)]
+        for a, b in zip(cuts, cuts[1:]):
+            if b <= a:
+                continue
+            begin = int(stops[a - 1]) if a else 0
+            indices = np.arange(first + a, first + b, dtype=np.int64)
+            val, counts = to_val[a:b], lengths[a:b]
+            run = np.asarray(tokens[begin:int(stops[b - 1])])
+            fresh = indices >= np.where(val, skip_until["val"], skip_until["train"])  # resumed: not yet in shards
+            if not fresh.all():
+                run, counts, indices, val = run[np.repeat(fresh, counts)], counts[fresh], indices[fresh], val[fresh]
+            write((indices, val, np.ones(len(counts), dtype=bool)), run, counts)
+        first += len(lengths)
+    return stats
 
 
 def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documents, progress: bool):
