@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -37,12 +38,15 @@ def verify_run(run_dir: Path) -> tuple[list[str], list[str]]:
         if problem is not None:
             problems.append(f"checkpoint {checkpoint}: {problem}")
     checked.append(f"run {run_dir}: {len(checkpoints)} checkpoints")
-    config = load_run_config(run_dir)
-    try:
-        store = store_location(config.data, config.model.family)
-    except LmforgeError as exc:
-        checked.append(f"its token store cannot be located ({exc})")
-        return checked, problems
+    try:  # run.json records the store a run trained on; older runs only have their config
+        store = Path(json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["store"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        config = load_run_config(run_dir)
+        try:
+            store = store_location(config.data, config.model.family)
+        except LmforgeError as exc:
+            checked.append(f"its token store cannot be located ({exc})")
+            return checked, problems
     if (store / "manifest.json").is_file():
         store_checked, store_problems = verify_store(store)
         checked += store_checked
