@@ -17,7 +17,7 @@ from lmforge.config import DataConfig, SplitConfig, TokenizerConfig
 from lmforge.data import prepare as prepare_module
 from lmforge.data.prepare import prepare
 from lmforge.data.store import TokenStore
-from lmforge.data.tokenizer import train_tokenizer
+from lmforge.data.tokenizer import tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,3 +243,15 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_tmp_shard(tmp_pat
     monkeypatch.setattr(store_module.os, "fsync", real_fsync)
     assert main(["prepare", "--config", str(recipe)]) == 0  # space freed: the build resumes and completes
     assert TokenStore(tmp_path / "s").verify() == []
+
+
+def test_a_tokenizer_trained_on_a_long_document_is_the_one_trained_on_it_whole(tmp_path, corpus_and_tokenizer):
+    """Training sees long documents in pieces cut at spaces: the same words, so the same tokenizer."""
+    corpus, _ = corpus_and_tokenizer
+    text = " ".join(json.loads(line)["text"] for line in corpus.read_text().splitlines()[:1500])  # ~1 MB, one line
+    (tmp_path / "one.txt").write_text(text)
+    config = DataConfig(corpus=[str(tmp_path / "one.txt")], store=str(tmp_path / "s"), max_document_chars=20_000,
+                        tokenizer=TokenizerConfig(kind="bpe", vocab_size=300), split=SplitConfig(by="tail"))
+    store = TokenStore(prepare(config, progress=False))
+    whole = train_tokenizer([text], config.tokenizer, show_progress=False)
+    assert store.manifest["tokenizer_sha256"] == tokenizer_sha256(whole)
