@@ -441,7 +441,9 @@ def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documen
         tokenizer = load_tokenizer(saved)
         if tokenizer_sha256(tokenizer) == state["tokenizer_sha256"]:
             return tokenizer
-    state.pop("splits", None)  # shards encoded by another tokenizer are worthless
+    state.pop("splits", None)  # shards (and task parts) encoded by another tokenizer are worthless
+    for scratch in ("parts", "logs"):
+        shutil.rmtree(root / scratch, ignore_errors=True)
     if config.tokenizer.path:
         tokenizer = load_tokenizer(config.tokenizer.path)
     else:

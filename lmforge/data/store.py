@@ -233,11 +233,7 @@ def shard_problem(root: Path, entry: dict[str, Any], dtype: np.dtype, vocab_size
 
 def shard_is_intact(root: Path, entry: dict[str, Any], dtype: np.dtype) -> bool:
     """Whether a finished shard's files are on disk with the sizes and sha256 its entry records."""
-    bin_path, idx_path = root / entry["bin"], root / entry["idx"]
-    return (bin_path.is_file() and idx_path.is_file()
-            and bin_path.stat().st_size == entry["tokens"] * dtype.itemsize
-            and idx_path.stat().st_size == entry["documents"] * 8
-            and sha256_file(bin_path) == entry["sha256"] and sha256_file(idx_path) == entry["idx_sha256"])
+    return shard_problem(root, entry, dtype, None) is None
 
 
 def move_tail(source: SplitWriter, target: SplitWriter, n_tokens: int) -> None:
