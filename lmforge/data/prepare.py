@@ -266,6 +266,8 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
         print(f"kept {resumed} finished shards; encoding from document "
               f"{min(skip_until.values()):,}", file=sys.stderr)
 
+    # made before the progress bar, so that its one log line (which encoder) stands on its own line
+    encoder = None if config.executor else _Encoder(tokenizer, family, dtype, workers, config.max_document_chars)
     stats = CorpusStats()
     total_bytes = sum(p.stat().st_size for p in resolve_corpus_files(sources)) if sources else 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} worker"
@@ -274,7 +276,6 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     if progress and config.executor:
         print(f"tokenizing as datatrove tasks (executor {config.executor}; logs in {root / 'logs' / 'encode'})",
               file=sys.stderr)
-    encoder = None if config.executor else _Encoder(tokenizer, family, dtype, workers, config.max_document_chars)
 
     def write(meta, tokens: np.ndarray, lengths: np.ndarray) -> None:
         indices, to_val, ends = meta
@@ -407,6 +408,7 @@ def _encode_as_tasks(config: DataConfig, family: str, root: Path, tokenizer, dty
                        config.split.by == "document", config.split.val_fraction, fmt,
                        "text" if curated else config.text_field, config.txt_documents, config.encoding_errors)
     tasks = max(1, min(config.tasks or len(files), len(files)))
+    tiktoken_encoding(tokenizer)  # says here, once, when the tasks will encode with tokenizers
     logs = root / "logs" / "encode"
     executor = make_executor(config.executor, step, tasks, max(1, min(workers, tasks)), logs,
                              config.slurm_partition, config.slurm_time)
