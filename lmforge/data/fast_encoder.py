@@ -1,5 +1,6 @@
 """Fast id encoding: a byte-level BPE with GPT-2's pre-tokenization runs through `tiktoken`, built from the
-same ranks; any other tokenizer runs through Hugging Face `tokenizers`. Both give identical ids.
+same ranks; lmforge's char tokenizer through a code point -> id table; any other tokenizer through Hugging
+Face `tokenizers`. All give identical ids.
 
 Why the conversion is exact. `tokenizers` applies, in each pre-token, the adjacent pair with the lowest merge
 rank; tiktoken merges the adjacent pair whose concatenation has the lowest rank (its token id), and returns a
@@ -142,11 +143,32 @@ def _tiktoken_from_json(tokenizer_json: str):
 
 
 def tiktoken_encoding(tokenizer: Tokenizer):
-    """The tiktoken Encoding giving the same ids as `tokenizer`, or None with the reason logged once."""
-    encoding, why = _tiktoken_from_json(tokenizer.to_str())
-    if encoding is None:
-        _say_once(f"encoding with tokenizers, not tiktoken: the tokenizer has {why}")
-    return encoding
+    """The tiktoken Encoding giving the same ids as `tokenizer`, or None."""
+    return _tiktoken_from_json(tokenizer.to_str())[0]
+
+
+CHAR_SPLIT = {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False}
+
+
+@lru_cache(maxsize=4)
+def _char_table(tokenizer_json: str) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """For a one-token-per-character tokenizer (lmforge's char kind): an array mapping each code point to its
+    id (the unknown token's beyond the vocabulary; the last slot stands for every code point above), and the
+    added tokens' texts (a text holding one goes through `tokenizers`, which matches them first)."""
+    spec = json.loads(tokenizer_json)
+    model = spec.get("model") or {}
+    if model.get("type") != "WordLevel" or spec.get("normalizer") is not None or spec.get("pre_tokenizer") != CHAR_SPLIT:
+        return None
+    if any(a.get("single_word") or a.get("lstrip") or a.get("rstrip") for a in spec.get("added_tokens", [])):
+        return None
+    vocab, unk = model["vocab"], model["vocab"].get(model.get("unk_token"))
+    chars = {token: i for token, i in vocab.items() if len(token) == 1}
+    if unk is None or not chars:
+        return None
+    table = np.full(max(map(ord, chars)) + 2, unk, dtype=np.uint32)
+    for char, i in chars.items():
+        table[ord(char)] = i
+    return table, tuple(a["content"] for a in spec.get("added_tokens", []))
 
 
 @lru_cache(maxsize=None)
@@ -170,11 +192,33 @@ def joined_encoder(tokenizer: Tokenizer, separator: str) -> Callable[[list[str]]
 
 def batch_encoder(tokenizer: Tokenizer) -> Encode:
     """A function from texts to their ids (one uint32 array each, added tokens in the text recognized, no
-    template tokens added): through tiktoken when the tokenizer converts exactly, else `tokenizers`."""
-    encoding = tiktoken_encoding(tokenizer)
+    template tokens added): through tiktoken when the tokenizer converts exactly, a character table for a
+    char tokenizer, else `tokenizers` (said once in the log)."""
+    tokenizer_json = tokenizer.to_str()
+    encoding, why = _tiktoken_from_json(tokenizer_json)
     if encoding is not None:
         allowed = encoding.special_tokens_set
         return lambda texts: [encoding.encode_to_numpy(t, allowed_special=allowed) for t in texts]
     # Without character offsets, which ids never need (about 10% faster; tokenizers >= 0.20).
-    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
-    return lambda texts: [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts, add_special_tokens=False)]
+    slow = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
+
+    def with_tokenizers(texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.uint32) for e in slow(texts, add_special_tokens=False)]
+
+    chars = _char_table(tokenizer_json)
+    if chars is None:
+        _say_once(f"encoding with tokenizers, not tiktoken: the tokenizer has {why}")
+        return with_tokenizers
+    table, added = chars
+    top = len(table) - 1
+
+    def by_table(texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for text in texts:
+            if any(a in text for a in added):
+                out.append(with_tokenizers([text])[0])
+            else:
+                out.append(table[np.minimum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), top)])
+        return out
+
+    return by_table

@@ -31,7 +31,7 @@ from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_c
 from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_for_vocab, move_tail,
                                 shard_is_intact, write_atomic, write_manifest, writing)
 from lmforge.data.encode import boundary_token, encode_stream, iter_pieces
-from lmforge.data.fast_encoder import batch_encoder, joined_encoder, tiktoken_encoding
+from lmforge.data.fast_encoder import batch_encoder, joined_encoder
 from lmforge.data.prepare_tasks import TasksUnfinished
 from lmforge.data.tokenizer import EOS, load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
@@ -187,7 +187,7 @@ class _Encoder:
         self.pending: deque = deque()
         self.pool = None
         args = (tokenizer.to_str(), family, dtype.name, max_chars)
-        tiktoken_encoding(Tokenizer.from_str(args[0]))  # converted (or refused, said once) here, before the fork
+        batch_encoder(Tokenizer.from_str(args[0]))  # converted (or refused, said once) here, before the fork
         if workers == 1:
             _init_worker(*args)
             return
@@ -408,7 +408,7 @@ def _encode_as_tasks(config: DataConfig, family: str, root: Path, tokenizer, dty
                        config.split.by == "document", config.split.val_fraction, fmt,
                        "text" if curated else config.text_field, config.txt_documents, config.encoding_errors)
     tasks = max(1, min(config.tasks or len(files), len(files)))
-    tiktoken_encoding(tokenizer)  # says here, once, when the tasks will encode with tokenizers
+    batch_encoder(tokenizer)  # says here, once, when the tasks will encode with tokenizers
     logs = root / "logs" / "encode"
     executor = make_executor(config.executor, step, tasks, max(1, min(workers, tasks)), logs,
                              config.slurm_partition, config.slurm_time)
