@@ -16,11 +16,11 @@ from lmforge.cli import main
 from lmforge.config import TokenizerConfig, config_from_dict, dump_config
 from lmforge.data.tokenizer import EOS, load_tokenizer, train_tokenizer
 from lmforge.model import build_model
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX
 from lmforge.tasks.batches import collate, encode_examples, encode_generation, task_tokenizer
 from lmforge.tasks.datasets import Example
 from lmforge.tasks.finetune import evaluate_finetuned, finetune, load_finetuned, plan_finetune, predict
-from lmforge.tasks.models import build_task_model, decoder_hidden
+from lmforge.tasks.models import build_task_model
 from lmforge.train.checkpoint import save_checkpoint
 
 POSITIVE = ["a great film", "good and fine", "great acting", "a good story", "fine and great", "good fun",
@@ -159,7 +159,7 @@ def test_mean_pooling_averages_the_real_tokens_whatever_the_padding(tmp_path, fa
         expected = []
         for row, n in enumerate(LENGTHS):
             alone = ids[row:row + 1, :n]
-            hidden = (model.backbone(alone)[0] if family == "bert" else decoder_hidden(model.backbone, alone))
+            hidden = model.backbone.hidden_states(alone)
             expected.append(model.head(hidden.double().mean(1).float()))
     assert torch.allclose(batched, torch.cat(expected), atol=1e-5)
     assert torch.allclose(batched, other_pads, atol=1e-5)

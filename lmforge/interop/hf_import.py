@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
 from lmforge.atomic_dir import building_directory
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import POSITIONS, architecture_of, config_from_hf, state_from_hf
+from lmforge.interop.hf import architecture_of, config_from_hf, position_table, state_from_hf
 from lmforge.interop.hf_tokenizer import read_json, read_hf_tokenizer
 from lmforge.model.config import ModelConfig
 
@@ -143,10 +143,11 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     seed_everything(config.train.seed)  # what a new run does first: the initialised heads are reproducible
     model = build_model(config.model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    position = POSITIONS[source_model.family]
-    shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
+    position = position_table(source_model)
+    if position is not None:
+        shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
     imported = state_from_hf(hf_state, source_model, shapes)
-    if config.model.block_size < source_model.block_size:
+    if position is not None and config.model.block_size < source_model.block_size:
         imported.state[position] = imported.state[position][: config.model.block_size].clone()
         notes.append(f"position embeddings cut to the first {config.model.block_size} of {source_model.block_size}")
     model.load_state_dict(imported.state, strict=False)

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
 from lmforge.data.tokenizer import EOS, PAD, eos_id
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX
 from lmforge.tasks.datasets import Example
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import shutil
 import signal
 import sys
@@ -42,9 +41,9 @@ from lmforge.tasks.batches import (Encoded, batch_indices, collate, decode_respo
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, resolve_task_config
 from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
 from lmforge.tasks.metrics import compute_metrics, is_better
-from lmforge.tasks.models import SequenceClassifier, build_task_model, resolve_pooling
+from lmforge.tasks.models import SequenceClassifier, backbone_of, build_task_model, resolve_pooling
 from lmforge.data.loader import batch_layout
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX
 from lmforge.train.checkpoint import (Checkpoint, all_rng_states, derived_seed, find_checkpoint, load_model_weights,
                                       load_training_state, restore_rng_states, save_checkpoint, seed_everything,
                                       step_dirs)
@@ -157,18 +156,10 @@ def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData
 # Optimisation
 
 
-def _depth(name: str, n_layer: int) -> int:
-    """Layer of a backbone parameter: 0 embeddings, 1..n_layer the blocks, n_layer for what sits on top."""
-    match = re.match(r"blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    return 0 if name.split(".")[0] in ("wte", "wpe", "wtt", "ln_emb") else n_layer
-
-
 def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
     """AdamW groups: per layer a peak lr of lr * layer_lr_decay**(L - layer), the head at head_lr;
     weight decay on matrices only. Each group's peak is kept as `peak_lr` for the schedule."""
-    n_layer = model.config.n_layer
+    n_layer, backbone = model.config.n_layer, backbone_of(model)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied parameters appear once
         if not param.requires_grad:
@@ -176,7 +167,9 @@ def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
         if name.startswith("head."):
             lr = ft.head_lr if ft.head_lr is not None else ft.lr
         else:
-            lr = ft.lr * ft.layer_lr_decay ** (n_layer - _depth(name.removeprefix("backbone."), n_layer))
+            # what sits on top of the blocks (final norm, pooler) trains at the top block's lr
+            depth = min(backbone.layer_of(name.removeprefix("backbone.")), n_layer)
+            lr = ft.lr * ft.layer_lr_decay ** (n_layer - depth)
         groups.setdefault((lr, param.dim() >= 2), []).append(param)
     return [{"params": params, "lr": lr, "peak_lr": lr, "weight_decay": ft.weight_decay if decay else 0.0}
             for (lr, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]

@@ -26,7 +26,7 @@ from lmforge.infer.fill_mask import describe as describe_fill_mask
 from lmforge.infer.fill_mask import fill_mask
 from lmforge.infer.generate import generate
 from lmforge.model import build_model
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX
 from lmforge.report import plot_run
 from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
 from lmforge.train.checkpoint import (all_rng_states, derived_seed, find_checkpoint, load_model_weights,
