@@ -170,7 +170,8 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
 def describe(result: Imported) -> str:
     """What was imported, what was initialised, and how to go on: lines for the user."""
     c = result.config.model
-    lines = [f"imported {result.architecture} ({c.n_layer} layers, {c.d_model} wide, {c.n_head} heads, "
+    heads = f"{c.n_head} heads" + (f" sharing {c.kv_heads} key/value heads" if c.kv_heads != c.n_head else "")
+    lines = [f"imported {result.architecture} ({c.n_layer} layers, {c.d_model} wide, {heads}, "
              f"vocab {c.vocab_size:,}, {result.parameters / 1e6:.2f}M parameters) -> {result.out}"]
     lines += [f"  note: {n}" for n in result.notes]
     if result.initialised:
