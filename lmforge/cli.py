@@ -354,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run's checkpoint as a transformers model directory")
     p.add_argument("run", help="run directory")
-    p.add_argument("--to", required=True, choices=["hf"], help="hf: Hugging Face transformers (GPT2LMHeadModel / LlamaForCausalLM / "
-                   "BertForPreTraining, tokenizer files)")
+    p.add_argument("--to", required=True, choices=["hf"], help="hf: Hugging Face transformers (GPT2LMHeadModel / "
+                   "LlamaForCausalLM / BertForPreTraining, tokenizer files)")
     p.add_argument("out", help="output directory (new or empty)")
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest complete)")
     p.set_defaults(func=cmd_export)
