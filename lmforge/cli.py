@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -47,8 +48,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
-    from lmforge.run import load_run_config
-    from lmforge.train.trainer import pretrain
+    from lmforge.report import plot_run
+    from lmforge.run import load_run_config, sample_run
+    from lmforge.train.device import resolve_device
+    from lmforge.train.pretrain import pretrain
 
     if args.resume:
         if args.config:
@@ -66,8 +69,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     if not _is_main_process():
         return 0
-    if result.sample is not None:
-        print("\n--- sample " + "-" * 60 + f"\n{result.sample}\n" + "-" * 71)
+    plot_run(run_dir)
+    sample = sample_run(run_dir, resolve_device(config.train.device))
+    if sample is not None:
+        (run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
+        print("\n--- sample " + "-" * 60 + f"\n{sample}\n" + "-" * 71)
     if "val_mlm_loss" in result.val_metrics:
         from lmforge.train.evaluate import describe_metrics
 
@@ -82,9 +88,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmforge.data.loader import loader_for
-    from lmforge.data.prepare import prepare
-    from lmforge.data.store import TokenStore
-    from lmforge.run import load_run
+    from lmforge.run import load_run, run_store
     from lmforge.train.device import resolve_device
     from lmforge.train.evaluate import describe_metrics, evaluate
 
@@ -95,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     tc = run.config.train
-    store = TokenStore(prepare(run.config.data, run.config.model.family, progress=False))
+    store = run_store(args.run, run.config)
     loader = loader_for(run.config, store, args.split, training=False)
     measured = evaluate(run.model, loader, args.batches or tc.eval_batches, device, tc.precision, progress=True)
     result = {"checkpoint": run.checkpoint.path.name, "split": args.split,
@@ -178,7 +182,9 @@ def evaluate_finetuned_run(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
+    from lmforge.report import plot_run
+    from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune, write_samples
+    from lmforge.train.device import resolve_device
 
     if args.resume:
         if args.run or args.task:
@@ -202,6 +208,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     if not _is_main_process():
         return 0
+    plot_run(run_dir)
+    if config.task.kind == "generation" and config.finetune.generate_tokens > 0:
+        write_samples(run_dir, resolve_device(config.finetune.device))
     shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.best.items())
     early = " (stopped early)" if result.stopped_early else ""
     print(f"best dev: {shown}  (step {result.best_step} of {result.total_steps}{early}, {result.seconds:.0f}s)")
@@ -399,8 +408,26 @@ def _launcher() -> str:
     return f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m lmforge"
 
 
+class _ToStderr(logging.Handler):
+    """The library's log lines, as plain lines on stderr, between progress bars (not through them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _show_library_log() -> None:
+    logger = logging.getLogger("lmforge")
+    if not any(isinstance(h, _ToStderr) for h in logger.handlers):
+        logger.addHandler(_ToStderr())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_log()
     try:
         return args.func(args)
     except LmforgeError as exc:

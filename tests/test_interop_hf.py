@@ -19,7 +19,7 @@ from lmforge.interop.hf_import import import_hf
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer, write_tokenizer_files
 from lmforge.model import ModelConfig, build_model
 from lmforge.run import load_run
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.train.checkpoint import TrainerState, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,7 +74,7 @@ def _make_run(tmp_path, family, kind=None, **model_kw):
     dump_config(config, run / "config.yaml")
     tokenizer.save(str(run / "tokenizer.json"))
     torch.manual_seed(0)
-    save_checkpoint(run / "checkpoints", 10, _randomise(build_model(config.model)), None, {})
+    save_checkpoint(run / "checkpoints", _randomise(build_model(config.model)), None, TrainerState(step=10))
     return run
 
 
@@ -514,8 +514,8 @@ def test_finetuned_runs_export_as_classifier_with_label_names_or_as_gpt2(tmp_pat
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tokenizer.save(str(run / "tokenizer.json"))
-    save_checkpoint(run / "checkpoints", 2, _randomise(build_task_model(config.model, "classification", 3, 0.0)),
-                    None, {})
+    save_checkpoint(run / "checkpoints", _randomise(build_task_model(config.model, "classification", 3, 0.0)),
+                    None, TrainerState(step=2))
 
     assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
     assert "AutoModelForSequenceClassification" in capsys.readouterr().out
@@ -538,7 +538,7 @@ def test_finetuned_runs_export_as_classifier_with_label_names_or_as_gpt2(tmp_pat
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tokenizer.save(str(run / "tokenizer.json"))
-    save_checkpoint(run / "checkpoints", 2, _randomise(build_task_model(config.model, "generation", 0, 0.0)), None, {})
+    save_checkpoint(run / "checkpoints", _randomise(build_task_model(config.model, "generation", 0, 0.0)), None, TrainerState(step=2))
     assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf-gpt")]) == 0
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-gpt").eval()
     ids, _, attention = _padded_batch(config.model.vocab_size)

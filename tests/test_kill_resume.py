@@ -68,3 +68,38 @@ def test_keep_every_retains_milestones(tmp_path, corpus_file):
     subprocess.run(_cli("pretrain", "--config", str(config), "--out", str(run)), check=True, capture_output=True)
     assert [p.name for p in step_dirs(run / "checkpoints")] == ["step-000010", "step-000020", "step-000025",
                                                                 "step-000030"]
+
+
+def test_killed_fine_tunes_resume_bit_identically(tmp_path):
+    from test_finetune import NEGATIVE, POSITIVE, make_base_run, make_task
+
+    base = make_base_run(tmp_path, "bert")
+    task = make_task(tmp_path, [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE])
+    common = ["--set", "finetune.steps=40", "--set", "finetune.eval_every=1", "--set", "finetune.batch_size=4",
+              "--set", "finetune.keep_checkpoints=2", "--set", "finetune.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli("finetune", str(base), "--task", str(task), "--out", str(reference), *common), env=env,
+                   check=True, capture_output=True)
+    rng = random.Random(1)
+    kills = 0
+    for attempt in range(2):
+        run = tmp_path / f"killed-{attempt}"
+        proc = subprocess.Popen(_cli("finetune", str(base), "--task", str(task), "--out", str(run), *common), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and not step_dirs(run / "checkpoints"):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        done = subprocess.run(_cli("finetune", "--resume", str(run)), env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert _losses(run) == _losses(reference)
+        a = load_file(str(reference / "checkpoints/step-000040/model.safetensors"))
+        b = load_file(str(run / "checkpoints/step-000040/model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert (run / "checkpoints" / "best").read_text() == (reference / "checkpoints" / "best").read_text()
+    assert kills >= 1

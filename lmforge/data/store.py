@@ -20,6 +20,7 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from lmforge.errors import LmforgeError
+from lmforge.fileio import sha256_file, write_atomic  # noqa: F401 (re-used by prepare)
 
 FORMAT = "lmforge-token-store"
 VERSION = 1
@@ -27,24 +28,6 @@ VERSION = 1
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to `path` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class SplitWriter:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import EOS, PAD
-from lmforge.atomic_dir import building_directory
+from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import bert_classifier_to_hf, bert_hf_config, gpt_hf_config, llama_hf_config, state_to_hf
 from lmforge.interop.hf_tokenizer import write_tokenizer_files

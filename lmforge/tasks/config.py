@@ -196,6 +196,7 @@ class FinetuneConfig:
     eval_every: int = 0  # steps between dev evaluations (0: once per epoch); always after the last step
     log_every: int = 10
     keep_checkpoints: int = 1  # newest K checkpoints kept besides the best (0: all)
+    max_bad_steps: int = 5  # consecutive non-finite steps (each update skipped) before the run stops
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
@@ -208,7 +209,7 @@ class FinetuneConfig:
             if getattr(self, key) <= 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         for key in ("steps", "eval_every", "patience", "keep_checkpoints", "weight_decay", "grad_clip",
-                    "generate_tokens", "micro_batch_size"):
+                    "generate_tokens", "micro_batch_size", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -22,10 +23,12 @@ from typing import Any, Optional, Sequence
 
 from lmforge.config import apply_overrides, from_dict, read_yaml, resolve_recipe
 from lmforge.errors import LmforgeError
-from lmforge.run import CONFIG_FILE
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, resolve_task_config
 from lmforge.tasks.datasets import TaskData, load_task
 from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
+from lmforge.train.rundir import CONFIG_FILE
+
+log = logging.getLogger(__name__)
 
 INITS = ("pretrained", "random")
 
@@ -131,7 +134,7 @@ def _run_cell(pretrained: str | Path, task_name: str, task: TaskData, recipe: Fi
     else:
         cell = plan_finetune(pretrained, task_name, data_root=data_root, finetune=recipe)
     if progress:
-        print(f"[{run_dir.name}]", file=sys.stderr)
+        log.info(f"[{run_dir.name}]")
     result = finetune(cell, run_dir, resume=resume, progress=progress, task=task)
     if result.interrupted_by is not None:
         raise KeyboardInterrupt
