@@ -128,6 +128,8 @@ def tied_copies(config: ModelConfig) -> dict[str, str]:
     if config.layout == "llama":
         return {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_embeddings else {}
     return {"lm_head.weight": "transformer.wte.weight"}
+
+
 # Stored by some transformers versions, recomputed by all: the causal mask of old GPT-2 files, position ids.
 IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")
 
@@ -366,11 +368,15 @@ def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf))
 
 
-def _with_full_names(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A base model's names (GPT2Model, BertModel: no `transformer.` / `bert.` prefix) -> the full model's."""
-    if config.layout == "llama":
-        return dict(state)
-    prefix = "transformer." if config.family == "gpt" else "bert."
+def _base_prefix(config: ModelConfig) -> str:
+    """The prefix of the base model's tensors inside transformers' full model."""
+    if config.family == "bert":
+        return "bert."
+    return "model." if config.layout == "llama" else "transformer."
+
+
+def _with_full_names(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A base model's names (GPT2Model, BertModel: without `prefix`) -> the full model's."""
     if any(k.startswith(prefix) for k in state):
         return dict(state)
     return {k if k.startswith(("cls.", "lm_head.")) else prefix + k: v for k, v in state.items()}
@@ -393,7 +399,7 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
     shapes: our tensors' shapes as config.json implies them (those of the model to be loaded).
     Heads the checkpoint lacks (a BertModel has no MLM / NSP head, a BertForMaskedLM no pooler or NSP
     head) are reported in missing_parts, not filled."""
-    state = _with_full_names(state, config)
+    state = _with_full_names(state, _base_prefix(config))
     for copy, source in tied_copies(config).items():
         if copy not in state:
             continue
@@ -435,7 +441,7 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
 def bert_state_from_hf(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
     """transformers BERT state dict (BertForPreTraining, or a bare BertModel without heads) -> ours,
     without checks against a config; missing heads are left out."""
-    state = _with_full_names(state, ModelConfig(family="bert"))
+    state = _with_full_names(state, "bert.")
     out = {}
     for entry in bert_layout(n_layer):
         if all(name in state for name in entry.theirs):
