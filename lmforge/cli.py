@@ -396,8 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_main_process() -> bool:
-    """Rank 0 of a torchrun launch, or the only process."""
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 of a torchrun launch, or the only process (from torchrun's environment, which outlives the
+    process group)."""
+    from lmforge.train.distributed import world_from_env
+
+    try:
+        return world_from_env().is_main
+    except LmforgeError:  # a malformed environment was already reported as this verb's error
+        return True
 
 
 def _launcher() -> str:
