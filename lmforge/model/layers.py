@@ -82,8 +82,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=2)
         q = q.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
         k, v = (t.view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # in float32: under bf16 autocast q and k arrive in bf16, the weights do not
+            q, k = self.q_norm(q.float()).to(q.dtype), self.k_norm(k.float()).to(k.dtype)
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         past_length = 0
