@@ -18,6 +18,7 @@ markers), filtered/, dedup/, output/ (the cleaned documents, one JSONL file per 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -52,11 +53,26 @@ class Curated:
     seconds: float
 
 
+CURATE_LIBRARIES = ("datatrove", "spacy", "orjson")  # what the `curate` extra installs (see pyproject.toml)
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (spaCy alone takes a second)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: its import is blocked
+    return importlib.util.find_spec(module) is not None
+
+
+def require_curation_libraries() -> None:
+    """Refuse, in one line naming the extra, a curation whose libraries are not installed."""
+    missing = [m for m in CURATE_LIBRARIES if not _installed(m)]
+    if missing:
+        raise LmforgeError(f"data.curate needs {', '.join(missing)}, which are not installed: "
+                           f"pip install 'lmforge[curate]'")
+
+
 def _datatrove():
-    try:
-        import datatrove  # noqa: F401
-    except ImportError:
-        raise LmforgeError("data.curate needs datatrove: pip install 'datatrove[processing]' orjson spacy") from None
+    require_curation_libraries()
     from datatrove.pipeline.base import PipelineStep
 
     return PipelineStep
