@@ -94,6 +94,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from lmforge.tasks.finetune import is_finetune_run
 
+    if args.batches is not None and args.batches < 1:
+        raise LmforgeError(f"--batches must be >= 1 (default: the run's train.eval_batches), got {args.batches}")
     if is_finetune_run(args.run):
         return evaluate_finetuned_run(args)
     device = resolve_device(args.device)

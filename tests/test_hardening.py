@@ -113,8 +113,7 @@ def test_infinite_lr_on_the_command_line_is_one_line(capsys):
     assert "train.lr" in err and "finite" in err
 
 
-@pytest.mark.parametrize("key", ["seed"])
-def test_negative_seeds_are_refused(corpus_file, key):
+def test_negative_seeds_are_refused(corpus_file):
     with pytest.raises(LmforgeError, match="train.seed"):
         config_from_dict(_set(tiny_config_dict(corpus_file), "train.seed", -1))
     with pytest.raises(LmforgeError, match="finetune.seed"):
@@ -188,6 +187,13 @@ def test_generate_flags_are_checked_before_anything_is_loaded(tmp_path, capsys, 
 def test_fill_mask_flags_are_checked_before_anything_is_loaded(tmp_path, capsys, flags, message):
     err = _one_line_error(capsys, ["fill-mask", str(tmp_path / "no-run"), "a [MASK]", *flags])
     assert message in err
+
+
+@pytest.mark.parametrize("flags", [["--batches", "-3"], ["--batches", "0"]])
+def test_evaluate_batches_must_be_positive(tmp_path, capsys, flags):
+    # -3 used to evaluate one batch, 0 the recipe's default, both without a word
+    err = _one_line_error(capsys, ["evaluate", str(tmp_path / "no-run"), *flags])
+    assert "--batches must be >= 1" in err
 
 
 @pytest.mark.parametrize("flags, message", [
