@@ -47,7 +47,7 @@ FILTERS = {
 
 @dataclass
 class Curated:
-    files: list[Path]  # cleaned documents: JSONL with a "text" field, in order
+    files: list[Path]  # cleaned documents: JSONL with a "text" field, in order (chunks left empty are not listed)
     corpus: dict  # CorpusStats of the raw input
     steps: list[dict]  # per step: step, documents and bytes after it, removed_documents, removed_bytes
     seconds: float
@@ -194,8 +194,9 @@ def curate(config: DataConfig, workdir: Path, workers: int, progress: bool = Tru
     tallies = _stage_tally(workdir / "logs" / "clean", n)
     if later:
         tallies.append(_stage_tally(workdir / "logs" / "dedup", n)[-1])
-    return Curated([output / f"{rank:05d}.jsonl" for rank in range(n)], corpus, _removed(tallies),
-                   round(time.time() - started, 2))
+    # a chunk that lost every document is left out: the corpus reader would call it an empty input file
+    kept = [path for path in (output / f"{rank:05d}.jsonl" for rank in range(n)) if path.stat().st_size]
+    return Curated(kept, corpus, _removed(tallies), round(time.time() - started, 2))
 
 
 def _make_filter(name: str, language: str):
