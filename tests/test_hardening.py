@@ -413,4 +413,4 @@ def test_default_path_never_imports_the_curation_libraries(tmp_path, corpus_file
                               text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert help_run.returncode == 0
     imported = {line.split("|")[-1].strip().split(".")[0] for line in help_run.stderr.splitlines() if "|" in line}
-    assert not {"datatrove", "spacy", "orjson", "torch"} & imported
+    assert not {"datatrove", "spacy", "orjson"} & imported
