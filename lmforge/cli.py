@@ -94,6 +94,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from lmforge.tasks.finetune import is_finetune_run
 
+    if args.batches is not None and args.batches < 1:
+        raise LmforgeError(f"--batches must be >= 1 (default: the run's train.eval_batches), got {args.batches}")
     if is_finetune_run(args.run):
         return evaluate_finetuned_run(args)
     device = resolve_device(args.device)
@@ -116,23 +118,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from lmforge.data.tokenizer import warn_unknown
     from lmforge.infer.generate import generate
     from lmforge.run import load_run
     from lmforge.train.device import resolve_device
 
-    if args.temperature < 0:
-        raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        raise LmforgeError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    _check_sampling_flags(args)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     if run.config.model.family != "gpt":
         raise LmforgeError(f"generate needs a decoder (gpt) run; {args.run} is a {run.config.model.family} run"
                            + (" (try: lmforge fill-mask)" if run.config.model.family == "bert" else ""))
     tokenizer = run.tokenizer
-    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    encoding = tokenizer.encode(args.prompt, add_special_tokens=False)
+    warn_unknown(tokenizer, [args.prompt], [encoding], "the prompt")
+    ids = encoding.ids
     if not ids:
         from lmforge.data.tokenizer import eos_id
 
@@ -147,16 +147,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """generate's numeric flags, before anything is loaded (a NaN compares False with every bound)."""
+    from lmforge.config import check_seed
+
+    if not 0 <= args.temperature < float("inf"):
+        raise LmforgeError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        raise LmforgeError(f"--top-k must be >= 0 (0 = no top-k filtering), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LmforgeError(f"--top-p must be in (0, 1] (1 = no nucleus filtering), got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise LmforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise LmforgeError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_seed(args.seed, "--seed")
+
+
 def cmd_fill_mask(args: argparse.Namespace) -> int:
+    from lmforge.data.tokenizer import warn_unknown
     from lmforge.infer.fill_mask import describe, fill_mask
     from lmforge.run import load_run
     from lmforge.train.device import resolve_device
 
+    if args.top_k < 1:
+        raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     if run.config.model.family != "bert":
         raise LmforgeError(f"fill-mask needs a masked-LM (bert) run; {args.run} is a {run.config.model.family} run"
                            f" (try: lmforge generate)")
+    warn_unknown(run.tokenizer, [args.text], [run.tokenizer.encode(args.text)], "the text")
     results = fill_mask(run.model, run.tokenizer, args.text, top_k=args.top_k, device=device)
     if args.json:
         print(json.dumps([[{"token": c.token, "probability": c.probability, "sequence": c.sequence} for c in slot]
@@ -273,8 +294,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     # `--seeds ""` is an empty list (refused by validation), not "use the recipe's seeds".
     for key in ("tasks", "fractions", "seeds"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}=[{getattr(args, key)}]")
+        text = getattr(args, key)
+        if text is None:
+            continue
+        items = [item.strip() for item in text.split(",")] if text.strip() else []
+        for i, item in enumerate(items):
+            if not item:
+                raise LmforgeError(f"--{key}: item {i + 1} of {text!r} is empty (give a comma-separated list)")
+        # as a list of strings: the recipe's typed keys read "1e-1" as 0.1 and "2" as 2, and refuse the rest
+        overrides.append(f"{key}={json.dumps(items)}")
     config = load_experiment(args.config, overrides)
     out = Path(args.out or Path("runs") / f"{config.name}-{Path(args.run).name}")
     rows = run_experiment(args.run, config, out, args.glue_root)
@@ -329,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with "
+                   "probability >= p, in (0, 1] (1 = all)")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**63)")
     p.add_argument("--num-samples", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 

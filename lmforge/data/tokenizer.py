@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import sys
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.config import TokenizerConfig
 from lmforge.errors import LmforgeError
@@ -130,3 +132,28 @@ def eos_id(tokenizer: Tokenizer) -> int:
     if token_id is None:
         raise LmforgeError(f"the tokenizer has no {EOS} token, which a causal LM needs to separate documents")
     return token_id
+
+
+def warn_unknown(tokenizer: Tokenizer, texts: Sequence[Union[str, tuple[str, Optional[str]]]],
+                 encodings: Sequence[Encoding], what: str) -> int:
+    """Say once, on stderr, how many characters of `texts` (single texts or pairs) became the unknown token.
+
+    A char-level vocabulary holds only the characters seen in training; any other becomes <unk>, which the
+    model never learned and decoding drops, so without this the input would lose it silently. Returns the count.
+    """
+    unk = next((t for t in (UNK, BERT_UNK) if tokenizer.token_to_id(t) is not None), None)
+    if unk is None:  # byte-level BPE has no unknown token: it encodes any text
+        return 0
+    unk_id, pieces = tokenizer.token_to_id(unk), Counter()
+    for text, encoding in zip(texts, encodings):
+        parts = text if isinstance(text, tuple) else (text,)
+        for token_id, sequence, (start, end) in zip(encoding.ids, encoding.sequence_ids, encoding.offsets):
+            if token_id == unk_id and sequence is not None:
+                pieces[parts[sequence][start:end]] += 1
+    count = sum(len(piece) * n for piece, n in pieces.items())
+    if count:
+        shown = ", ".join(f"{piece!r}" + (f" x{n}" if n > 1 else "") for piece, n in pieces.most_common(20))
+        more = f" and {len(pieces) - 20} more" if len(pieces) > 20 else ""
+        print(f"warning: {count} characters of {what} are not in the tokenizer's vocabulary and became {unk}: "
+              f"{shown}{more}", file=sys.stderr)
+    return count

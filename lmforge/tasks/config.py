@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from lmforge.config import ParallelConfig, apply_overrides, from_dict, read_yaml
+from lmforge.config import ParallelConfig, apply_overrides, check_seed, from_dict, read_yaml
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.tasks.metrics import check_metric_names, selection_metric
@@ -226,6 +226,7 @@ class FinetuneConfig:
             raise LmforgeError(f"{prefix}.label_fraction must be in (0, 1], got {self.label_fraction}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise LmforgeError(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check_seed(self.seed, f"{prefix}.seed")
         return self
 
 

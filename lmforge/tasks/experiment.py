@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lmforge.config import apply_overrides, from_dict, read_yaml, resolve_recipe
+from lmforge.config import apply_overrides, check_seed, from_dict, read_yaml, resolve_recipe
 from lmforge.errors import LmforgeError
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, resolve_task_config
 from lmforge.tasks.datasets import TaskData, load_task
@@ -48,6 +48,8 @@ class ExperimentConfig:
             raise LmforgeError(f"fractions must be in (0, 1], got {self.fractions}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise LmforgeError(f"seeds: give one or more distinct seeds, got {self.seeds}")
+        for i, seed in enumerate(self.seeds):
+            check_seed(seed, f"seeds[{i}]")
         self.finetune.validate()
         return self
 
