@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lmforge.config import apply_overrides, from_dict, read_yaml
 from lmforge.data.loader import batch_layout
-from lmforge.data.tokenizer import eos_id, load_tokenizer
+from lmforge.data.tokenizer import eos_id, load_tokenizer, warn_unknown
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import generate
 from lmforge.model import IGNORE_INDEX, build_model
@@ -503,8 +503,11 @@ def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]]) -> 
     if config.task.kind == "generation":
         out = []
         eos = eos_id(run.tokenizer)
-        for prompt, _ in texts:
-            ids = run.tokenizer.encode(prompt, add_special_tokens=False).ids[-(max_length - 1):] or [eos]
+        prompts = [prompt for prompt, _ in texts]
+        encodings = run.tokenizer.encode_batch(prompts, add_special_tokens=False)
+        warn_unknown(run.tokenizer, prompts, encodings, "the prompts")
+        for prompt, encoding in zip(prompts, encodings):
+            ids = encoding.ids[-(max_length - 1):] or [eos]
             room = max(0, config.model.block_size - len(ids))
             generated = generate(run.model, torch.tensor([ids], device=device),
                                  min(config.finetune.generate_tokens, room), temperature=0.0, stop_token=eos)
