@@ -129,4 +129,8 @@ def build_model(config: ModelConfig) -> nn.Module:
         from lmforge.model.encoder import BertForPreTraining  # encoder.py builds on this module's Block
 
         return BertForPreTraining(config)
+    if config.family == "t5":
+        from lmforge.model.t5 import T5
+
+        return T5(config)
     raise ValueError(f"unknown model family {config.family!r}")

@@ -21,11 +21,10 @@ from typing import Literal, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from lmforge.data.tokenizer import SENTINEL, T5_EOS, T5_PAD
 from lmforge.errors import LmforgeError
 
 IGNORE_INDEX = -100
-SENTINEL = "<extra_id_{}>"
-T5_PAD, T5_EOS = "<pad>", "</s>"
 
 
 @dataclass(frozen=True)
