@@ -95,8 +95,9 @@ def t5_config_from_hf(hf: dict[str, Any], path: str = "config.json") -> ModelCon
     ffn = hf.get("feed_forward_proj", "relu")
     if ffn not in FFN_NAMES:
         raise LmforgeError(f"{path}: feed_forward_proj {ffn!r} is not supported (supported: gated-gelu, relu)")
-    # transformers scales the decoder output exactly when tie_word_embeddings is not false; we tie then too
-    tied = hf.get("tie_word_embeddings", True) is not False
+    # T5 1.0 scales the decoder output by d_model**-0.5 and ties the head; v1.1 does neither. transformers 5
+    # writes which in scale_decoder_outputs (and always ties); older configs say it by tie_word_embeddings.
+    tied = bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False))
     config = ModelConfig(
         family="t5", vocab_size=_get(hf, "vocab_size", path), d_model=_get(hf, "d_model", path),
         d_kv=_get(hf, "d_kv", path), d_ff=_get(hf, "d_ff", path), n_layer=_get(hf, "num_layers", path),
@@ -105,7 +106,7 @@ def t5_config_from_hf(hf: dict[str, Any], path: str = "config.json") -> ModelCon
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         dropout=float(hf.get("dropout_rate", 0.1)), layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),
-        ffn=ffn, tie_embeddings=tied, bias=False)
+        ffn=ffn, tie_embeddings=tied)
     config.validate(f"{path} (as model)")
     return config
 
@@ -117,7 +118,8 @@ def t5_state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig, path: 
     if state["shared.weight"] is None:
         raise LmforgeError(f"{path} has no shared.weight (the token embedding)")
     if not config.tie_embeddings:
-        state.setdefault("lm_head.weight", state["shared.weight"])  # transformers 5 saves a tied head once
+        # transformers 5 ties v1.1's head to the embedding too and saves it once: an untied copy is equal
+        state.setdefault("lm_head.weight", state["shared.weight"])
     with torch.device("meta"):  # shapes only, no memory
         expected = {k: v.shape for k, v in T5(config).state_dict().items()}
     ours = {}
