@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from lmforge.data.objectives.span import (
-    IGNORE_INDEX, Denoiser, SpanLengths, SpanVocab, denoise_mixture, mixture_lengths, prefix_lm, random_spans_noise_mask,
-    span_corruption, span_counts, span_lengths,
+    IGNORE_INDEX, Denoiser, SpanLengths, SpanVocab, denoise_mixture, mixture_lengths, prefix_lm,
+    random_spans_noise_mask, span_corruption, span_counts, span_lengths,
 )
 from lmforge.errors import LmforgeError
 

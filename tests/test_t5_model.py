@@ -174,7 +174,7 @@ def test_span_corruption_batches_train_the_model():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -263,3 +263,15 @@ def test_bad_decoding_settings_raise():
                               (dict(temperature=-1.0), "temperature")):
         with pytest.raises(LmforgeError, match=message):
             generate_seq2seq(model, ids, mask, **settings)
+
+
+def test_flops_per_token_counts_encoder_and_decoder_matmuls():
+    model = model_for(7)
+    c = model.config
+    inner = c.n_head * c.d_kv
+    per_enc_block = 4 * c.d_model * inner + 3 * c.d_model * c.d_ff
+    per_dec_block = 8 * c.d_model * inner + 3 * c.d_model * c.d_ff
+    seq, tgt = 20, 6
+    expected = (6 * (c.n_layer * per_enc_block * seq + (c.n_decoder_layer * per_dec_block + c.vocab_size * c.d_model)
+                     * tgt) + 12 * inner * (c.n_layer * seq * seq + c.n_decoder_layer * (tgt * tgt + tgt * seq))) / seq
+    assert model.flops_per_token(seq, tgt) == pytest.approx(expected)

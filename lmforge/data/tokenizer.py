@@ -99,8 +99,9 @@ def add_t5_sentinels_and_template(tokenizer: Tokenizer, num_sentinels: int = T5_
     """Append <extra_id_{n-1}> ... <extra_id_0> so that <extra_id_0> is the highest id (T5's order), and
     end every encoded text with </s> as T5's tokenizer does."""
     tokenizer.add_special_tokens([SENTINEL.format(i) for i in reversed(range(num_sentinels))])
+    eos = tokenizer.token_to_id(T5_EOS)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, tokenizer.token_to_id(T5_EOS))])
+        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, eos)])
 
 
 def _train_char(texts: Iterable[str], specials: list[str], unk: str) -> Tokenizer:

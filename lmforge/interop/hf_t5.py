@@ -111,7 +111,8 @@ def t5_config_from_hf(hf: dict[str, Any], path: str = "config.json") -> ModelCon
     return config
 
 
-def t5_state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig, path: str = "weights") -> dict[str, torch.Tensor]:
+def t5_state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
+                     path: str = "weights") -> dict[str, torch.Tensor]:
     """Our state dict from transformers' tensors; a missing or misshapen tensor is a one-line error."""
     state = dict(state)
     state.setdefault("shared.weight", state.get("encoder.embed_tokens.weight"))

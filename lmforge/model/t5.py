@@ -339,3 +339,16 @@ class T5(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         tables = self.encoder.position_bias.embedding.weight.numel() * 2
         return total - tables if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: int, target_len: Optional[int] = None) -> float:
+        """Training FLOPs per encoder input token, for inputs of seq_len and targets of target_len tokens
+        (default seq_len): 6 x the matmul parameters each token passes through, plus attention scores."""
+        c = self.config
+        target_len = seq_len if target_len is None else target_len
+        d_kv, _, n_decoder = t5_sizes(c)
+        inner = c.n_head * d_kv
+        matmul = lambda module: sum(p.numel() for p in module.parameters() if p.dim() == 2)  # noqa: E731
+        encoder = sum(matmul(b) for b in self.encoder.blocks)
+        decoder = sum(matmul(b) for b in self.decoder.blocks) + c.vocab_size * c.d_model  # + the LM head
+        attention = 12 * inner * (c.n_layer * seq_len ** 2 + n_decoder * (target_len ** 2 + target_len * seq_len))
+        return (6 * (encoder * seq_len + decoder * target_len) + attention) / seq_len
