@@ -50,9 +50,10 @@ class Decoder:
             logits, _ = self.model.decode(sequences, self.base)
         return logits[:, -1].float()
 
-    def reorder(self, rows: torch.Tensor) -> None:
+    def reorder_beams(self, rows: torch.Tensor) -> None:
+        """Make row i continue from row rows[i], a beam of the same input."""
         if self.use_cache:
-            self.cache = self.cache.select(rows)
+            self.cache = self.cache.select(rows, same_inputs=True)
 
 
 def _check(max_new_tokens: int, num_beams: int, temperature: float) -> None:
@@ -148,7 +149,7 @@ def beam_search(model: T5, input_ids: torch.Tensor, attention_mask: Optional[tor
         open_scores = scores + ends.float() * NEG
         chosen = torch.topk(open_scores, k=num_beams).indices
         running, running_scores = _gather(candidates, chosen), _gather(open_scores, chosen)
-        decoder.reorder((_gather(source_beam, chosen) + row_offset).view(-1))
+        decoder.reorder_beams((_gather(source_beam, chosen) + row_offset).view(-1))
 
         # ended candidates among the top num_beams join the finished set if they beat its worst
         final = scores / (length ** length_penalty)

@@ -186,9 +186,12 @@ class DecoderCache:
     def length(self) -> int:
         return self.self_kv[0][0].shape[2] if self.self_kv else 0
 
-    def select(self, rows: torch.Tensor) -> "DecoderCache":
-        """The cache of the given batch rows (beam search reorders and expands beams with it)."""
+    def select(self, rows: torch.Tensor, same_inputs: bool = False) -> "DecoderCache":
+        """The cache of the given batch rows. same_inputs: each row keeps its encoder input (beam search
+        reordering beams of one input), so the cross-attention part is kept as it is, not copied."""
         pick = lambda kv: (kv[0].index_select(0, rows), kv[1].index_select(0, rows))  # noqa: E731
+        if same_inputs:
+            return DecoderCache([pick(kv) for kv in self.self_kv], self.cross_kv, self.cross_mask)
         return DecoderCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv],
                             self.cross_mask.index_select(0, rows))
 
