@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from lmforge.atomic_dir import building_directory
+from lmforge.fileio import building_directory
 from lmforge.data.objectives.span import SENTINEL, SpanVocab
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf_import import read_hf_weights
