@@ -275,3 +275,16 @@ def test_flops_per_token_counts_encoder_and_decoder_matmuls():
     expected = (6 * (c.n_layer * per_enc_block * seq + (c.n_decoder_layer * per_dec_block + c.vocab_size * c.d_model)
                      * tgt) + 12 * inner * (c.n_layer * seq * seq + c.n_decoder_layer * (tgt * tgt + tgt * seq))) / seq
     assert model.flops_per_token(seq, tgt) == pytest.approx(expected)
+
+
+def test_fill_spans_puts_written_spans_back_into_the_input():
+    from lmforge.infer.seq2seq import fill_spans
+
+    vocab = SpanVocab(eos=1, pad=0, sentinel_start=63, num_sentinels=10)
+    rng = np.random.default_rng(8)
+    rows = rng.integers(3, 50, size=(20, 60))
+    ex = span_corruption(rows, rng, vocab)
+    for row, inputs, labels in zip(rows, ex.input_ids, ex.labels):  # a perfect model writes the targets
+        assert fill_spans(inputs.tolist(), [0] + labels.tolist() + [1, 1], vocab) == row.tolist()
+    # a span the model did not write is left empty; text after </s> is not read
+    assert fill_spans([5, 63, 7, 62, 1], [0, 63, 9, 9, 1, 62, 4], vocab) == [5, 9, 9, 7]

@@ -5,7 +5,8 @@ model's DecoderCache); with use_cache each step feeds the decoder only the newes
 the self-attention KV cache (without it, each step reruns the decoder over the whole prefix, which
 gives the same tokens and exists to check that). Outputs are (batch, length) decoder sequences
 starting with the start token (<pad>), as transformers' generate returns them; a sequence that has
-ended with </s> is padded with <pad>.
+ended with </s> is padded with <pad>. `fill_spans` puts the spans a model wrote for sentinels back
+into its input (span filling: "The <extra_id_0> sat on the mat.").
 
 Beam search keeps `num_beams` running hypotheses and the `num_beams` best finished ones, in the way
 transformers' beam search does (so that exports decode identically): each step takes the 2 x
@@ -21,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from lmforge.data.objectives.span import SpanVocab
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import filter_logits
 from lmforge.model.t5 import PAD_ID, T5, DecoderCache
@@ -170,3 +172,23 @@ def beam_search(model: T5, input_ids: torch.Tensor, attention_mask: Optional[tor
                 or bool(ends.all())):
             break
     return done[:, 0, : 1 + int(done_lengths[:, 0].max())]
+
+
+def fill_spans(input_ids: list[int], output_ids: list[int], vocab: SpanVocab) -> list[int]:
+    """The input with each sentinel replaced by the span written after the same sentinel in the output
+    (empty if the output has none); the output's start <pad> and anything from </s> on are ignored."""
+    spans: dict[int, list[int]] = {}
+    current = None
+    for token in output_ids:
+        if token == vocab.eos:
+            break
+        if vocab.is_sentinel(token):
+            current = spans.setdefault(token, [])
+        elif current is not None:
+            current.append(token)
+    filled = []
+    for token in input_ids:
+        if token == vocab.eos:
+            break
+        filled.extend(spans.get(token, []) if vocab.is_sentinel(token) else [token])
+    return filled

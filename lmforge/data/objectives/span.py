@@ -52,6 +52,9 @@ class SpanVocab:
     def sentinel(self, i: int) -> int:
         return self.sentinel_start - i
 
+    def is_sentinel(self, token: int) -> bool:
+        return self.sentinel_start - self.num_sentinels < token <= self.sentinel_start
+
 
 @dataclass(frozen=True)
 class SpanLengths:
