@@ -15,8 +15,9 @@ LLAMA_KEYS = {"n_kv_head": 0, "ffn_hidden": 0, "tie_embeddings": True, "qk_norm"
 
 @dataclass
 class ModelConfig:
-    # family: the objective and data path. gpt: causal decoder (next-token LM); bert: bidirectional encoder (MLM + NSP)
-    family: Literal["gpt", "bert"] = "gpt"
+    # family: the objective and data path. gpt: causal decoder (next-token LM); bert: bidirectional encoder
+    # (MLM + NSP); t5: encoder-decoder (T5 v1.1 layout, span-corruption denoising)
+    family: Literal["gpt", "bert", "t5"] = "gpt"
     # layout: the block architecture. gpt2: learned positions, LayerNorm, GELU MLP, biases (GPT-2's and
     # BERT's blocks); llama: rotary positions, RMSNorm, SwiGLU, no biases, grouped-query attention (gpt only)
     layout: Literal["gpt2", "llama"] = "gpt2"
@@ -34,16 +35,28 @@ class ModelConfig:
     # gelu: exact erf GELU (BERT); gelu_tanh: tanh approximation (GPT-2). auto = the family's own.
     activation: Literal["auto", "gelu", "gelu_tanh"] = "auto"
     type_vocab_size: int = 2  # bert: segment (token type) embeddings for sentence A / B
+    # output layer shares the token embedding matrix; None = the family's (gpt, bert: yes; t5: no, as v1.1).
+    # A tied t5 scales its output by d_model**-0.5 (T5 1.0).
+    tie_embeddings: Optional[bool] = None
     # llama layout only:
     n_kv_head: int = 0  # key/value heads of grouped-query attention; 0 = n_head (plain multi-head)
     ffn_hidden: int = 0  # SwiGLU width; 0 = 2/3 * mlp_ratio * d_model rounded up to a multiple of 64 (Llama's rule)
-    tie_embeddings: bool = True  # output layer shares the token embedding matrix (false: a separate lm_head)
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before the rotation
     rope_theta: float = ROPE_THETA  # base of the rotary frequencies
+    # t5 only (n_layer counts encoder blocks; block_size is the encoder input length)
+    n_decoder_layer: int = 0  # 0 = n_layer
+    d_kv: int = 0  # width of each head's queries, keys and values; 0 = d_model // n_head
+    d_ff: int = 0  # feed-forward width; 0 = mlp_ratio * d_model
+    ffn: Literal["gated-gelu", "relu"] = "gated-gelu"  # gated-gelu: T5 v1.1; relu: T5 1.0
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
 
     def __post_init__(self) -> None:
-        if self.bias is None:  # resolved here, so a saved config states what the model has
+        # resolved here, so a saved config states what the model has
+        if self.bias is None:
             self.bias = self.layout != "llama"
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.family != "t5"
 
     @property
     def pre_norm(self) -> bool:
@@ -80,7 +93,9 @@ class ModelConfig:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         if self.vocab_size < 0:
             raise LmforgeError(f"{prefix}.vocab_size must be >= 0 (0 = from the tokenizer), got {self.vocab_size}")
-        if self.d_model % self.n_head:
+        if self.family == "t5":
+            self._validate_t5(prefix)
+        elif self.d_model % self.n_head:
             raise LmforgeError(
                 f"{prefix}.n_head ({self.n_head}) must divide {prefix}.d_model ({self.d_model})"
             )
@@ -94,6 +109,8 @@ class ModelConfig:
             self._validate_llama(prefix)
         else:
             for key, unset in LLAMA_KEYS.items():
+                if key == "tie_embeddings" and self.family == "t5":
+                    continue  # a t5 key too
                 if getattr(self, key) != unset and not (key == "n_kv_head" and self.n_kv_head == self.n_head):
                     raise LmforgeError(f"{prefix}.{key}={getattr(self, key)!r} is a llama-layout key; the "
                                        f"{self.layout} layout does not take it (set {prefix}.layout=llama, "
@@ -119,3 +136,21 @@ class ModelConfig:
                                f"to {FFN_MULTIPLE}), got {self.ffn_hidden}")
         if self.rope_theta <= 0:
             raise LmforgeError(f"{prefix}.rope_theta must be positive, got {self.rope_theta}")
+
+    def _validate_t5(self, prefix: str) -> None:
+        for key in ("n_decoder_layer", "d_kv", "d_ff"):
+            if getattr(self, key) < 0:
+                raise LmforgeError(f"{prefix}.{key} must be >= 0 (0 = the default), got {getattr(self, key)}")
+        if self.d_kv == 0 and self.d_model % self.n_head:
+            raise LmforgeError(f"{prefix}.n_head ({self.n_head}) must divide {prefix}.d_model ({self.d_model}) "
+                               f"unless {prefix}.d_kv is set")
+        if self.norm == "post" or self.activation != "auto":
+            raise LmforgeError(f"{prefix}.norm and {prefix}.activation do not apply to t5 (pre-RMSNorm blocks; "
+                               f"choose the feed-forward with {prefix}.ffn: gated-gelu | relu)")
+        if self.relative_attention_num_buckets < 4:
+            raise LmforgeError(f"{prefix}.relative_attention_num_buckets must be >= 4, "
+                               f"got {self.relative_attention_num_buckets}")
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+            raise LmforgeError(f"{prefix}.relative_attention_max_distance must exceed half of "
+                               f"{prefix}.relative_attention_num_buckets ({self.relative_attention_num_buckets // 2}),"
+                               f" got {self.relative_attention_max_distance}")
