@@ -117,8 +117,14 @@ class _Loader:
         else:  # written before global batches: batch_index counted one process's micro-batches, which
             # upgrade_train_section (lmforge/config.py) made micro_batch_size, or batch_size without accumulation
             self.position = int(state["batch_index"]) * (self.configured_micro_batch_size or self.batch_size)
-        self.seed = int(state["seed"])
+        seed = int(state["seed"])
+        if seed != self.seed:
+            self.seed = seed
+            self._forget_epochs()
         self._micro = 0
+
+    def _forget_epochs(self) -> None:
+        """Drop what was derived from the old seed (called when a loaded state brings another seed)."""
 
     def _next_prefetched(self) -> Batch:
         if self._prefetched is None:
@@ -127,15 +133,10 @@ class _Loader:
                 prefetch_factor=PREFETCH_PER_WORKER, pin_memory=self.pin_memory,
                 # fork: the workers share the memory-mapped store and the epoch plans instead of pickling them
                 multiprocessing_context="fork" if sys.platform.startswith("linux") else None))
-        try:
-            key, batch = next(self._prefetched)
-        except RuntimeError as exc:
-            if "DataLoader worker" not in str(exc):
-                raise
-            self.close()
-            raise LmforgeError(f"a loader worker process died ({exc}); the run stopped. train.loader_workers=0 "
-                               f"builds the batches in the training process") from None
-        assert key == (self.position, self._micro), (key, self.position, self._micro)  # in order, by construction
+        # A worker's exception is raised here with its traceback; a worker that dies (killed, out of memory)
+        # makes torch raise RuntimeError "DataLoader worker (pid N) exited unexpectedly" at once (SIGCHLD).
+        key, batch = next(self._prefetched)
+        assert tuple(key) == (self.position, self._micro), (key, self.position, self._micro)  # in order
         return batch
 
     def close(self) -> None:
@@ -181,6 +182,9 @@ class CLMLoader(_Loader):
         super().__init__(batch_size, seed, rank, world_size, micro_batch_size, workers, pin_memory)
         self.split, self.block_size, self.order = split, block_size, order
         self.examples_per_epoch = self.blocks_per_epoch = num_blocks(split.num_tokens, block_size)
+        self._forget_epochs()
+
+    def _forget_epochs(self) -> None:
         self._epoch = -1
         self._epoch_starts = np.zeros(0, dtype=np.int64)
 
@@ -232,9 +236,11 @@ class MLMLoader(_Loader):
         if masking.whole_word:
             check_whole_word(vocab)
         self.random_pool = vocab.random_pool
+        self._forget_epochs()
+
+    def _forget_epochs(self) -> None:
         self._plans: dict[int, np.ndarray] = {}
-        first = self._plan(0)
-        self.examples_per_epoch = len(first)
+        self.examples_per_epoch = len(self._plan(0))  # the seed's first epoch sets every epoch's length
         if self.examples_per_epoch == 0:
             raise LmforgeError("no sentence-pair examples could be formed: every document has a single sentence")
 
