@@ -219,3 +219,44 @@ def test_split_take_gathers_across_shards_like_read():
     assert got.dtype == np.int64 and np.array_equal(got, expected)
     with pytest.raises(IndexError):
         split.take(np.asarray([177]))
+
+
+def test_pretraining_with_loader_workers_learns_the_same_and_resumes_identically(tmp_path, corpus_file):
+    import json
+    import shutil
+
+    import yaml
+
+    from conftest import tiny_config_dict
+    from lmforge.cli import main
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    runs = {}
+    for workers in (0, 2):
+        config = tmp_path / f"tiny-{workers}.yaml"
+        config.write_text(yaml.safe_dump(tiny_config_dict(corpus_file, micro_batch_size=4, loader_workers=workers)))
+        runs[workers] = tmp_path / f"run-{workers}"
+        assert main(["pretrain", "--config", str(config), "--out", str(runs[workers])]) == 0
+    assert losses(runs[2]) == losses(runs[0]) and len(losses(runs[0])) == 30
+    # a run with workers that died after its step-20 checkpoint resumes into the same steps
+    partial = tmp_path / "partial"
+    shutil.copytree(runs[2], partial)
+    shutil.rmtree(partial / "checkpoints" / "step-000030")
+    (partial / "checkpoints" / "latest").write_text("step-000020\n")
+    assert main(["pretrain", "--resume", str(partial)]) == 0
+    assert losses(partial) == losses(runs[0])
+
+
+def test_negative_loader_workers_is_refused(tmp_path, corpus_file, capsys):
+    import yaml
+
+    from conftest import tiny_config_dict
+    from lmforge.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(corpus_file, loader_workers=-1)))
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "train.loader_workers must be >= 0" in capsys.readouterr().err

@@ -18,6 +18,8 @@ the same for any number of workers, and the position advances only when `next()`
 
 from __future__ import annotations
 
+import math
+import signal
 import sys
 from typing import Iterator, Optional
 
@@ -130,14 +132,14 @@ class _Loader:
         if self._prefetched is None:
             self._prefetched = iter(torch.utils.data.DataLoader(
                 _MicroBatches(self), batch_size=None, sampler=_Keys(self), num_workers=self.workers,
-                prefetch_factor=PREFETCH_PER_WORKER, pin_memory=self.pin_memory,
+                prefetch_factor=PREFETCH_PER_WORKER, pin_memory=self.pin_memory, worker_init_fn=_leave_interrupts,
                 # fork: the workers share the memory-mapped store and the epoch plans instead of pickling them
                 multiprocessing_context="fork" if sys.platform.startswith("linux") else None))
         # A worker's exception is raised here with its traceback; a worker that dies (killed, out of memory)
         # makes torch raise RuntimeError "DataLoader worker (pid N) exited unexpectedly" at once (SIGCHLD).
-        key, batch = next(self._prefetched)
+        key, packed, layout = next(self._prefetched)
         assert tuple(key) == (self.position, self._micro), (key, self.position, self._micro)  # in order
-        return batch
+        return _unpack(packed, layout)
 
     def close(self) -> None:
         """Stop the background workers, if any (they start again at the position on the next next())."""
@@ -169,8 +171,27 @@ class _MicroBatches(torch.utils.data.Dataset):
     def __init__(self, loader: _Loader):
         self.loader = loader
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], Batch]:
-        return key, self.loader.micro_batch(*key)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor, list]:
+        return key, *_pack(self.loader.micro_batch(*key))
+
+
+def _leave_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: the training process handles it (checkpoint, stop) and
+    stops the workers, which must not die first under a batch it still wants."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pack(batch: Batch) -> tuple[torch.Tensor, list[tuple[str, tuple[int, ...]]]]:
+    """A batch of int64 tensors as one flat tensor and its layout: one shared-memory block (and one pinned
+    copy) per batch between processes instead of one per tensor."""
+    layout = [(name, tuple(t.shape)) for name, t in batch.items()]
+    return torch.cat([t.reshape(-1) for t in batch.values()]), layout
+
+
+def _unpack(packed: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]) -> Batch:
+    """The tensors of a packed batch, as views of it."""
+    sizes = [math.prod(shape) for _, shape in layout]
+    return {name: piece.view(shape) for (name, shape), piece in zip(layout, packed.split(sizes))}
 
 
 class CLMLoader(_Loader):
