@@ -349,3 +349,19 @@ def test_bert_loader_resumes_mid_epoch_with_workers_as_if_uninterrupted(bert_dat
     resumed.close()
     for a, b in zip(uninterrupted, first + rest):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_segments_without_nsp_are_the_chunk_cut_at_the_back(bert_data):
+    _, vocab, split = bert_data
+    index = SentenceIndex.build(split, vocab.sep)
+    rows, _ = plan_epoch(index, 30, np.random.default_rng(3), short_seq_prob=0.1, next_sentence=False)
+    ids, types, attention = build_pairs(split, index, rows[:200], 32, vocab, [], next_sentence=False)
+    cut = 0
+    for i, (a_first, a_end, *_rest) in enumerate(rows[:200]):
+        text = np.concatenate([split.read(int(index.starts[s]), int(index.ends[s] - index.starts[s]))
+                               for s in range(a_first, a_end)]).astype(np.int64)
+        cut += len(text) > 30
+        expected = np.concatenate([[vocab.cls], text[:30], [vocab.sep]])
+        assert np.array_equal(ids[i, :len(expected)], expected) and (ids[i, len(expected):] == vocab.pad).all()
+        assert attention[i].sum() == len(expected) and not types[i].any()
+    assert cut > 10

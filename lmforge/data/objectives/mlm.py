@@ -1,7 +1,8 @@
 """BERT's pretraining examples: sentence pairs for next-sentence prediction and 80/10/10 masking.
 
-Pure functions of their inputs and a numpy Generator, so the loader can make any example from
-(seed, sample index) alone. The steps, as in the BERT paper and its create_pretraining_data.py:
+Pure functions of their inputs and numpy Generators, so the loader can make any example from
+(seed, sample index) alone; each works on a whole micro-batch with array operations. The steps, as
+in the BERT paper and its create_pretraining_data.py:
 
 1. `SentenceIndex`: a bert token store ends every sentence with [SEP]; the index lists sentences
    (start, end) and which document each belongs to.
@@ -11,12 +12,17 @@ Pure functions of their inputs and a numpy Generator, so the loader can make any
    sentences go back to the document. When the draw says "actual next" but the chunk is one sentence,
    B is the following sentence, or at the document's end A becomes the sentence before; a document of
    a single sentence cannot form a true pair and such draws are skipped (counted in PlanStats).
-3. `build_pair`: [CLS] A [SEP] B [SEP], token types 0 for [CLS] A [SEP] and 1 for B [SEP], the longer
-   segment truncated (randomly at front or back) until the pair fits, then padding.
-4. `mask_tokens`: a mask_rate fraction of the non-special tokens (stochastically rounded per sequence,
-   so the expected rate is exact) is selected; of those mask_token_fraction become [MASK],
-   random_token_fraction a random non-special token, the rest stay. Labels are the original ids at
-   selected positions and IGNORE_INDEX elsewhere. Whole-word masking selects whole words instead.
+   All documents advance together, one chunk per round.
+3. `build_pairs`: [CLS] A [SEP] B [SEP], token types 0 for [CLS] A [SEP] and 1 for B [SEP], the longer
+   segment truncated (each removed token from the front or the back at random) until the pair fits,
+   then padding; the tokens of a whole micro-batch are gathered from the store at once.
+4. `mask_batch`: a mask_rate fraction of the non-special tokens (stochastically rounded per sequence,
+   so the expected rate is exact) is selected, a uniformly random subset; of those
+   mask_token_fraction become [MASK], random_token_fraction a random non-special token, the rest
+   stay. Labels are the original ids at selected positions and IGNORE_INDEX elsewhere. Whole-word
+   masking selects whole words instead (in random order, passing over a word that would overshoot).
+   Each sequence's random numbers come from its own Generator (`mask_draws`), so an example's masks
+   do not depend on the batch it is in.
 """
 
 from __future__ import annotations
@@ -243,8 +249,8 @@ class PairLayout:
     input_ids: np.ndarray  # (batch, seq_len): the special tokens and padding; 0 where A and B go
     token_type_ids: np.ndarray  # 0 for [CLS] A [SEP] and padding, 1 for B [SEP]
     attention_mask: np.ndarray
-    in_a: np.ndarray  # bool: the position holds a token of A, A's token number (position - 1)
-    in_b: np.ndarray  # bool: the position holds a token of B, B's token number (position - len_a - 2)
+    in_a: np.ndarray  # bool: the position holds a token of A (A's token number position - 1)
+    in_b: np.ndarray  # bool: the position holds a token of B (B's token number position - len_a - 2)
 
     @classmethod
     def of(cls, len_a: np.ndarray, len_b: np.ndarray | None, seq_len: int, vocab: BertVocab) -> "PairLayout":
