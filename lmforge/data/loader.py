@@ -136,7 +136,8 @@ class _Loader:
                 # fork: the workers share the memory-mapped store and the epoch plans instead of pickling them
                 multiprocessing_context="fork" if sys.platform.startswith("linux") else None))
         # A worker's exception is raised here with its traceback; a worker that dies (killed, out of memory)
-        # makes torch raise RuntimeError "DataLoader worker (pid N) exited unexpectedly" at once (SIGCHLD).
+        # makes torch raise RuntimeError "DataLoader worker (pid N) exited unexpectedly" (SIGCHLD, or its
+        # liveness check every 5 s while waiting), so a run stops instead of hanging.
         key, packed, layout = next(self._prefetched)
         assert tuple(key) == (self.position, self._micro), (key, self.position, self._micro)  # in order
         return _unpack(packed, layout)
@@ -225,7 +226,8 @@ class CLMLoader(_Loader):
         """Inputs and labels of these samples, as int64 tensors."""
         windows = self.split.take(self._starts(samples)[:, None] + np.arange(self.block_size + 1))
         x, y = inputs_and_labels(windows)
-        return {"input_ids": torch.from_numpy(np.ascontiguousarray(x)), "labels": torch.from_numpy(np.ascontiguousarray(y))}
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(x)),
+                "labels": torch.from_numpy(np.ascontiguousarray(y))}
 
 
 class MLMLoader(_Loader):
