@@ -155,7 +155,7 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         for key in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "keep_checkpoints", "keep_every", "eps",
-                    "sample_tokens", "micro_batch_size"):
+                    "sample_tokens", "micro_batch_size", "loader_workers"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if self.min_lr > self.lr:

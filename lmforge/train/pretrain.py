@@ -181,7 +181,10 @@ def _pretrain(config: Config, run: RunDir, resume: bool, progress: bool, world: 
         log.info(f"model: {config.model.family}, {recipe.model.num_parameters() / 1e6:.2f}M parameters, "
                  f"{recipe.tokens_per_step:,} tokens/step ({layout}{accum} micro-batch{'es' if accum > 1 else ''} of "
                  f"{recipe.train_loader.micro_batch_size} per process), {tc.precision} on {device}")
-    done = run_loop(recipe, run, state, world, progress, resumed=resume)
+    try:
+        done = run_loop(recipe, run, state, world, progress, resumed=resume)
+    finally:
+        recipe.train_loader.close()  # background batch workers, if any
     result = TrainResult(run.path, done.step, interrupted_by=done.interrupted_by, history=done.history,
                          val_metrics=done.last_eval, val_loss=done.last_eval.get("val_loss"))
     result.seconds = time.time() - started
