@@ -97,10 +97,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.batches is not None and args.batches < 1:
         raise LmforgeError(f"--batches must be >= 1 (default: the run's train.eval_batches), got {args.batches}")
     if is_finetune_run(args.run):
+        if args.text:
+            raise LmforgeError("--text scores a pretrained run; a fine-tuned run is evaluated on its task's dev set")
         return evaluate_finetuned_run(args)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     tc = run.config.train
+    if args.text:
+        return _evaluate_text(args, run, device)
     store = run_store(args.run, run.config)
     loader = loader_for(run.config, store, args.split, training=False)
     measured = evaluate(run.model, loader, args.batches or tc.eval_batches, device, tc.precision, progress=True)
@@ -112,6 +116,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"{run.checkpoint.path.name}: {args.split} " + describe_metrics(measured))
+    return 0
+
+
+def _evaluate_text(args: argparse.Namespace, run, device) -> int:
+    from lmforge.infer.score_text import read_texts, score_text
+
+    score = score_text(run.model, run.tokenizer, run.config, read_texts(args.text), device, progress=True)
+    result = {"checkpoint": run.checkpoint.path.name, "files": args.text, "documents": score.documents,
+              "bytes": score.bytes, "tokens": score.tokens, "loss": score.loss, "bits_per_byte": score.bits_per_byte,
+              "unknown_characters": score.unknown_characters}
+    if score.accuracy is not None:
+        result["masked_accuracy"] = score.accuracy
+    else:
+        result["perplexity"] = score.perplexity
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    what = (f"masked accuracy {score.accuracy:.2%}, loss {score.loss:.4f} over {score.tokens:,} masked tokens"
+            if score.accuracy is not None else
+            f"loss {score.loss:.4f}, perplexity {score.perplexity:.2f} over {score.tokens:,} tokens")
+    unknown = f"; {score.unknown_characters:,} characters unknown to the tokenizer" if score.unknown_characters else ""
+    print(f"{run.checkpoint.path.name}: {what}, {score.bits_per_byte:.4f} bits per byte "
+          f"({score.bytes:,} bytes in {score.documents:,} document{'s' if score.documents != 1 else ''}{unknown})")
     return 0
 
 
@@ -350,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--batches", type=int, help="batches to evaluate (default: train.eval_batches)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="score these files (txt / jsonl / parquet, globs) "
+                   "instead of the validation split: loss, perplexity or masked accuracy, bits per byte")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="sample text from a decoder run")
