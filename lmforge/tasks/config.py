@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from lmforge.config import ParallelConfig, apply_overrides, from_dict, read_yaml
+from lmforge.config import ParallelConfig, apply_overrides, check_seed, from_dict, read_yaml
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.tasks.metrics import check_metric_names, selection_metric
@@ -196,6 +196,7 @@ class FinetuneConfig:
     eval_every: int = 0  # steps between dev evaluations (0: once per epoch); always after the last step
     log_every: int = 10
     keep_checkpoints: int = 1  # newest K checkpoints kept besides the best (0: all)
+    max_bad_steps: int = 5  # consecutive non-finite steps (each update skipped) before the run stops
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
@@ -208,7 +209,7 @@ class FinetuneConfig:
             if getattr(self, key) <= 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         for key in ("steps", "eval_every", "patience", "keep_checkpoints", "weight_decay", "grad_clip",
-                    "generate_tokens", "micro_batch_size"):
+                    "generate_tokens", "micro_batch_size", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
@@ -225,6 +226,7 @@ class FinetuneConfig:
             raise LmforgeError(f"{prefix}.label_fraction must be in (0, 1], got {self.label_fraction}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise LmforgeError(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check_seed(self.seed, f"{prefix}.seed")
         return self
 
 
