@@ -107,7 +107,8 @@ def is_write_failure(exc: BaseException) -> bool:
 
 
 class Owner:
-    """An exclusive lock on a directory for one process's lifetime (fcntl.flock on DIR/.lock).
+    """An exclusive lock on a directory for one process's lifetime (fcntl.lockf on a lock file: DIR/.lock,
+    or `lock_file` for a directory that does not exist yet).
 
     The OS releases it when the process ends, however it ends, so a killed run never leaves it stuck.
     A second process asking for it gets a one-line refusal naming the holder.
@@ -115,19 +116,23 @@ class Owner:
 
     FILE = ".lock"
 
-    def __init__(self, directory: Path, what: str):
+    def __init__(self, directory: Path, what: str, lock_file: Optional[Path] = None):
         self.directory, self.what = directory, what
+        self.lock_file = lock_file or directory / self.FILE
         self._fd: Optional[int] = None
 
     def acquire(self) -> "Owner":
-        path = self.directory / self.FILE
+        path = self.lock_file
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise LmforgeError(describe_os_error(exc, self.directory)) from None
+            raise LmforgeError(describe_os_error(exc, path.parent)) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX record lock, not flock: it belongs to this process alone, so the worker processes it
+            # forks (tokenizers, batch loaders) never hold it on after it dies.
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise LmforgeError(f"{self.directory} is in use: {self.what} is owned by {holder}; wait for it to "

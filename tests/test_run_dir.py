@@ -309,3 +309,31 @@ def test_fine_tuning_skips_a_non_finite_update(tmp_path, monkeypatch):
     assert state["bad_steps_total"] == 1
     weights = load_file(str(run / "checkpoints" / "step-000006" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from lmforge.fileio import Owner
+with Owner(Path(sys.argv[1]), "building this token store", Path(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_token_store_has_one_builder_at_a_time(tmp_path, corpus_file, capsys):
+    store = tmp_path / "store"
+    config = _config(tmp_path, corpus_file)
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store), str(tmp_path / ".store.lock")],
+                             stdout=subprocess.PIPE, text=True)  # another prepare of the same store, running
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert main(["prepare", "--config", config, "--out", str(store)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use: building this token store is owned by process {other.pid}" in err
+        assert not store.exists() and not (tmp_path / "store.partial").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["prepare", "--config", config, "--out", str(store)]) == 0  # released: it builds
+    assert (store / "manifest.json").is_file()

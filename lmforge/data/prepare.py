@@ -30,12 +30,12 @@ from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
 from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_for_vocab, move_tail,
                                 shard_is_intact, write_atomic, write_manifest, writing)
-from lmforge.data.encode import boundary_token, encode_stream, iter_pieces
+from lmforge.data.encode import boundary_token, encode_stream, is_validation, iter_pieces
 from lmforge.data.fast_encoder import batch_encoder, joined_encoder
-from lmforge.data.encode import is_validation
 from lmforge.data.prepare_tasks import TasksUnfinished
 from lmforge.data.tokenizer import EOS, load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.fileio import Owner
 
 ENCODE_BATCH_BYTES = 1 << 20  # text per encoding task (a worker's unit of work)
 TRAIN_PIECE_CHARS = 100_000  # longest text handed to the tokenizer trainer (measured: -150 MB on a 50 MB document)
@@ -96,6 +96,15 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     if target.exists() and any(target.iterdir()):
         raise LmforgeError(f"{target} exists and is not a token store; refusing to write into it")
 
+    # One process builds a store at a time; the lock sits beside it, as the store does not exist yet.
+    with Owner(target, "building this token store", target.with_name(f".{target.name}.lock")):
+        return _prepare_owned(config, family, target, fingerprint, workers, progress)
+
+
+def _prepare_owned(config: DataConfig, family: str, target: Path, fingerprint: str, workers: int,
+                   progress: bool) -> Path:
+    if (target / "manifest.json").is_file():  # finished by the process that held the lock before us
+        return target
     partial = target.with_name(target.name + ".partial")
     state = _read_progress(partial, fingerprint)
     if state is None:
