@@ -14,7 +14,10 @@ from lmforge.tasks.batches import task_tokenizer
 from lmforge.tasks.qa import (QAExample, best_answers, encode_qa, exact_match, normalize_answer, read_squad,
                               split_by_article, squad_scores, token_f1)
 
-SQUAD_DEV = Path(__file__).resolve().parents[1] / ".." / ".." / "shared" / "data" / "squad-v1.1" / "dev-v1.1.json"
+# ../shared/data beside the checkout (or beside the worktrees' folder)
+DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
+            Path("/nonexistent"))
+SQUAD_DEV = DATA / "squad-v1.1" / "dev-v1.1.json"
 PASSAGE = ("Super Bowl 50 was an American football game to determine the champion of the National Football League "
            "for the 2015 season. The American Football Conference champion Denver Broncos defeated the National "
            "Football Conference champion Carolina Panthers 24 to 10 to earn their third Super Bowl title. The game "

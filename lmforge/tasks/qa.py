@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
+from lmforge.tasks.config import TaskConfig, find_split_file
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,26 @@ def split_by_article(examples: Sequence[QAExample], held_out: int, seed: int) ->
                            f"articles), got {held_out}")
     dev_titles = {titles[i] for i in np.random.default_rng(seed).choice(len(titles), held_out, replace=False)}
     return ([e for e in examples if e.title not in dev_titles], [e for e in examples if e.title in dev_titles])
+
+
+@dataclass
+class SpanData:
+    config: TaskConfig
+    train: list[QAExample]
+    dev: list[QAExample]
+    skipped_answers: int  # over both splits' files
+    skipped_questions: int
+
+
+def load_span_task(config: TaskConfig) -> SpanData:
+    """Train and dev questions of a span task: dev from its own file, or held-out articles of the train file."""
+    train_data = read_squad(find_split_file(config, "train", (".json",)), config.strict)
+    if config.held_out_articles:
+        train, dev = split_by_article(train_data.examples, config.held_out_articles, config.split_seed)
+        return SpanData(config, train, dev, train_data.skipped_answers, train_data.skipped_questions)
+    dev_data = read_squad(find_split_file(config, "dev", (".json",)), config.strict)
+    return SpanData(config, train_data.examples, dev_data.examples, train_data.skipped_answers
+                    + dev_data.skipped_answers, train_data.skipped_questions + dev_data.skipped_questions)
 
 
 def windowing_tokenizer(tokenizer: Tokenizer, max_length: int, stride: int) -> Tokenizer:

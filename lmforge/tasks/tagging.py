@@ -26,8 +26,10 @@ from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.tasks.config import TaskConfig, find_split_file
 
 DOCSTART = "-DOCSTART-"
+SUFFIXES = (".conll", ".txt", ".jsonl")  # where train / dev files are looked for when not named
 OUTSIDE = "O"
 # Tag prefixes each scheme allows, and seqeval's class for strict entity matching.
 SCHEMES = {"IOB1": ("BI", IOB1), "IOB2": ("BI", IOB2), "BIOES": ("BIES", IOBES)}
@@ -119,6 +121,45 @@ def _read(path: Path, encoding: str) -> str:
         raise LmforgeError(f"{path}: no such file") from None
     except UnicodeDecodeError as err:
         raise LmforgeError(f"{path}: byte {err.start} is not valid {encoding} (set task.encoding)") from None
+
+
+def read_tagged(path: str | Path, config: TaskConfig) -> list[TaggedSentence]:
+    """One split in the task's format: JSONL (by format or a .jsonl suffix), else CoNLL columns."""
+    path = Path(path)
+    fmt = config.format if config.format != "auto" else ("jsonl" if path.suffix.lower() == ".jsonl" else "conll")
+    if fmt == "jsonl":
+        return read_tagged_jsonl(path, str(config.text), str(config.label), config.encoding)
+    return read_conll(path, config.word_column, config.tag_column, config.encoding)
+
+
+@dataclass
+class TaggingData:
+    config: TaskConfig
+    train: list[TaggedSentence]
+    dev: list[TaggedSentence]
+    label_names: list[str]  # class index -> tag
+    train_tags: list[list[int]]  # per sentence, per word: class index
+    dev_tags: list[list[int]]
+
+    @property
+    def outside(self) -> int:
+        """The class of O: what a word no window holds is predicted as."""
+        return self.label_names.index(OUTSIDE) if OUTSIDE in self.label_names else 0
+
+
+def load_tagging_task(config: TaskConfig) -> TaggingData:
+    """Train and dev sentences of a tokens task; the label set is task.labels, else the tags of train."""
+    train_path = find_split_file(config, "train", SUFFIXES)
+    train = read_tagged(train_path, config)
+    labels = list(config.labels) if config.labels is not None else tag_set(train)
+    try:
+        check_scheme(labels, config.scheme)
+    except LmforgeError as err:
+        raise LmforgeError(f"{train_path}: {err}") from None
+    if len(labels) < 2:
+        raise LmforgeError(f"{train_path}: every word has the tag {labels[0]!r}; tagging needs at least two tags")
+    dev = read_tagged(find_split_file(config, "dev", SUFFIXES), config)
+    return TaggingData(config, train, dev, labels, tag_ids(train, labels), tag_ids(dev, labels))
 
 
 def tag_set(sentences: Sequence[TaggedSentence]) -> list[str]:
