@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
+from lmforge.tasks.batches import Encoded, collate
 from lmforge.tasks.config import TaskConfig, find_split_file
 
 log = logging.getLogger(__name__)
@@ -184,6 +186,14 @@ def encode_qa(tokenizer: Tokenizer, examples: Sequence[QAExample], max_length: i
                 end = min(t for t in passage if t >= start and offsets[t][1] >= answer[1])
             windows.append(SpanWindow(index, list(enc.ids), list(enc.type_ids), offsets, start, end))
     return windows
+
+
+def collate_windows(windows: Sequence[SpanWindow], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, token_type_ids, attention_mask, and start_positions / end_positions (batch,)."""
+    batch = collate([Encoded(w.ids, w.type_ids, w.start) for w in windows], pad)
+    batch["start_positions"] = batch.pop("labels")
+    batch["end_positions"] = torch.tensor([w.end for w in windows], dtype=torch.int64)
+    return batch
 
 
 def best_answers(windows: Sequence[SpanWindow], examples: Sequence[QAExample], start_logits: Sequence[np.ndarray],

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from seqeval.metrics import classification_report
 from seqeval.metrics.sequence_labeling import get_entities
 from seqeval.scheme import IOB1, IOB2, IOBES
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.tasks.batches import Encoded, collate
 from lmforge.tasks.config import TaskConfig, find_split_file
 
 DOCSTART = "-DOCSTART-"
@@ -252,6 +254,11 @@ def _template(tokenizer: Tokenizer) -> tuple[list[tuple[int, int]], list[tuple[i
     if not inside:  # "x" vanished in normalisation: take every special token as leading (none here in practice)
         return pairs, []
     return pairs[: inside[0]], pairs[inside[-1] + 1:]
+
+
+def collate_windows(windows: Sequence[TokenWindow], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, token_type_ids, attention_mask and per-token labels (IGNORE_INDEX on padding)."""
+    return collate([Encoded(w.ids, w.type_ids, w.labels) for w in windows], pad)
 
 
 def merge_windows(windows: Sequence[TokenWindow], token_predictions: Sequence[Sequence[int]],
