@@ -11,8 +11,9 @@ from lmforge.config import TokenizerConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.tasks.batches import task_tokenizer
-from lmforge.tasks.qa import (QAExample, best_answers, encode_qa, exact_match, normalize_answer, read_squad,
-                              split_by_article, squad_scores, token_f1)
+from lmforge.tasks.config import resolve_task_config
+from lmforge.tasks.qa import (QAExample, best_answers, encode_qa, exact_match, load_span_task, normalize_answer,
+                              read_squad, split_by_article, squad_scores, token_f1)
 
 # ../shared/data beside the checkout (or beside the worktrees' folder)
 DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
@@ -179,3 +180,15 @@ def test_question_too_long_for_the_windows_is_refused(tokenizer):
     example = QAExample("0", "t", " ".join(["Denver"] * 30), PASSAGE, ("Denver",), PASSAGE.index("Denver"), "here")
     with pytest.raises(LmforgeError, match=r"here: the question is \d+ tokens, too long"):
         encode_qa(tokenizer, [example], 32, 8)
+
+
+def test_shipped_recipe_holds_out_eight_articles():
+    if not SQUAD_DEV.is_file():
+        pytest.skip("the SQuAD dev file is not in ../shared/data")
+    config = resolve_task_config("qa-squad", overrides=[f"path={SQUAD_DEV.parent}"])
+    assert (config.kind, config.stride, config.max_answer_length, config.select_metric) == ("span", 128, 30, "span_f1")
+    task = load_span_task(config)
+    assert (len(task.train), len(task.dev)) == (8_117, 2_453)
+    assert len({e.title for e in task.dev}) == 8 and not {e.title for e in task.dev} & {e.title for e in task.train}
+    with pytest.raises(LmforgeError, match="held_out_articles takes the dev split from the train file"):
+        resolve_task_config("qa-squad", overrides=[f"path={SQUAD_DEV.parent}", "dev_file=dev-v1.1.json"])

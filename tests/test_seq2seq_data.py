@@ -13,7 +13,7 @@ from lmforge.config import TokenizerConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import IGNORE_INDEX
-from lmforge.tasks.config import TaskConfig
+from lmforge.tasks.config import TaskConfig, resolve_task_config
 from lmforge.tasks.seq2seq import (as_generation, bleu, collate_seq2seq, encode_seq2seq, load_seq2seq_task,
                                    read_parallel, read_seq2seq_jsonl, rouge, seq2seq_metrics)
 
@@ -155,3 +155,16 @@ def test_long_inputs_are_cut_and_counted_or_refused_when_strict():
     assert batch["labels"][1].tolist() == features[1].target_ids + [IGNORE_INDEX] * (4 - len(features[1].target_ids))
     prompts = as_generation(examples, "Translate: {input}\n=")
     assert prompts[0].text == "Translate: a man sleeps\n=" and prompts[0].label == "a man"
+
+
+def test_shipped_recipes_read_multi30k_and_dialogsum():
+    if not (DIALOGSUM / "dialogsum.train.jsonl").is_file() or not (MULTI30K / "train.en.gz").is_file():
+        pytest.skip("Multi30k / DialogSum are not in ../shared/data")
+    mt = load_seq2seq_task(resolve_task_config("mt-multi30k", overrides=[f"path={MULTI30K}"]))
+    assert (len(mt.train), len(mt.dev), mt.skipped) == (29_000, 1_014, 0)
+    assert mt.train[0].target == _lines(MULTI30K / "train.de.gz", 1)[0]
+    summaries = resolve_task_config("sum-dialogsum", overrides=[f"path={DIALOGSUM}"])
+    assert summaries.select_metric == "rougeL" and "{input}" in summaries.prompt
+    task = load_seq2seq_task(summaries)
+    assert (len(task.train), len(task.dev), task.skipped) == (12_460, 500, 0)
+    assert task.train[0].target.startswith("Mr. Smith's getting a check-up")

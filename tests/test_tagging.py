@@ -1,6 +1,7 @@
 """Token classification data: CoNLL / JSONL readers, subword label alignment, windows, entity scores vs seqeval."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from lmforge.config import TokenizerConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import IGNORE_INDEX
-from lmforge.tasks.tagging import (TaggedSentence, encode_tagged, entities, entity_scores, merge_windows,
-                                   read_conll, read_tagged_jsonl, tag_ids, tag_set, tagging_metrics)
+from lmforge.tasks.config import TaskConfig, recipe_finetune, resolve_task_config
+from lmforge.tasks.tagging import (TaggedSentence, encode_tagged, entities, entity_scores, load_tagging_task,
+                                   merge_windows, read_conll, read_tagged_jsonl, tag_ids, tag_set, tagging_metrics)
 
 CONLL = """-DOCSTART- -X- -X- O
 
@@ -211,3 +213,43 @@ def test_tagging_metrics_from_class_indices():
     assert scores["token_accuracy"] == pytest.approx(100 * 4 / 6)
     assert scores["entity_precision"] == pytest.approx(50.0) and scores["entity_recall"] == pytest.approx(50.0)
     assert scores["f1_PER"] == 100.0 and scores["f1_LOC"] == 0.0
+
+
+DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
+            Path("/nonexistent"))
+
+
+def test_shipped_recipe_reads_conll2003_as_provenance_counts():
+    if not (DATA / "conll2003" / "train.txt").is_file():
+        pytest.skip("CoNLL-2003 is not in ../shared/data")
+    config = resolve_task_config("ner-conll2003", overrides=[f"path={DATA / 'conll2003'}"])
+    assert (config.kind, config.scheme, config.stride, config.select_metric) == ("tokens", "IOB2", 32, "entity_f1")
+    assert recipe_finetune("ner-conll2003")["max_length"] == 128
+    task = load_tagging_task(config)
+    assert (len(task.train), len(task.dev)) == (14_041, 3_250)  # PROVENANCE.md: sentences without -DOCSTART-
+    assert sum(len(s.words) for s in task.train) == 203_621
+    assert task.label_names == ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    entity_counts = {}
+    for s in task.train:
+        for kind, *_ in entities(s.words, s.tags):
+            entity_counts[kind] = entity_counts.get(kind, 0) + 1
+    assert entity_counts == {"PER": 6_600, "LOC": 7_140, "ORG": 6_321, "MISC": 3_438}
+
+
+def test_tokens_config_is_validated(tmp_path):
+    (tmp_path / "train.txt").write_text(CONLL)
+    (tmp_path / "dev.txt").write_text(CONLL.replace("B-LOC", "B-PLACE"))
+    base = dict(name="t", path=str(tmp_path), kind="tokens")
+    with pytest.raises(LmforgeError, match="task.labels: tag 'X' does not fit task.scheme IOB2"):
+        TaskConfig(**base, labels=["O", "B-PER", "X"]).validate()
+    with pytest.raises(LmforgeError, match="format 'squad' does not apply to a tokens task"):
+        TaskConfig(**base, format="squad").validate()
+    with pytest.raises(LmforgeError, match="metric 'bleu' does not apply to tokens"):
+        TaskConfig(**base, metrics=["bleu"]).validate()
+    config = TaskConfig(**base).validate()
+    assert config.metrics == ["entity_f1", "entity_precision", "entity_recall", "token_accuracy"]
+    with pytest.raises(LmforgeError, match=r"dev.txt:14: tag 'B-PLACE' is not in the label set"):
+        load_tagging_task(config)
+    (tmp_path / "dev.txt").write_text(CONLL.replace("B-LOC", "S-LOC"))
+    with pytest.raises(LmforgeError, match=r"dev.txt: tag 'S-LOC' does not fit task.scheme IOB2"):
+        load_tagging_task(TaskConfig(**base, train_file="dev.txt").validate())

@@ -263,6 +263,7 @@ def resolve_task_config(task: str | os.PathLike, data_root: Optional[str | os.Pa
     recipe = task_recipe(str(task))
     if recipe is not None:
         data: dict[str, Any] = {"name": recipe.stem, **_recipe_section(recipe, "task")}
+        apply_overrides(data, list(overrides))
         folder = Path(str(data.get("path", ""))).expanduser()
         if not data.get("path") or not folder.is_dir():
             raise LmforgeError(f"{recipe}: task.path must be the task's data directory, got {data.get('path')!r} "
@@ -278,7 +279,7 @@ def resolve_task_config(task: str | os.PathLike, data_root: Optional[str | os.Pa
         if yaml_path.is_file():
             data.update(read_yaml(yaml_path))
         data["path"] = str(folder)
-    apply_overrides(data, list(overrides))
+        apply_overrides(data, list(overrides))
     if data.get("kind") == "generation":  # JSONL prompt/response files by default
         data.setdefault("text", "prompt")
         data.setdefault("label", "response")

@@ -178,8 +178,9 @@ def encode_qa(tokenizer: Tokenizer, examples: Sequence[QAExample], max_length: i
     for index, (example, first) in enumerate(zip(examples, encodings)):
         answer = (example.answer_start, example.answer_start + len(example.answers[0]))
         for enc in [first, *first.overflowing]:
-            passage = [t for t, s in enumerate(enc.sequence_ids) if s == 1]
-            offsets = [tuple(enc.offsets[t]) if s == 1 else None for t, s in enumerate(enc.sequence_ids)]
+            sequence_ids, all_offsets = enc.sequence_ids, enc.offsets  # each access copies out of Rust: once
+            passage = [t for t, s in enumerate(sequence_ids) if s == 1]
+            offsets = [tuple(o) if s == 1 else None for o, s in zip(all_offsets, sequence_ids)]
             start = end = 0
             if passage and offsets[passage[0]][0] <= answer[0] and offsets[passage[-1]][1] >= answer[1]:
                 start = max(t for t in passage if offsets[t][0] <= answer[0])
