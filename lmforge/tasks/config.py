@@ -139,7 +139,7 @@ class TaskConfig:
             if self.word_column == self.tag_column:
                 raise LmforgeError(f"{prefix}.word_column and {prefix}.tag_column are both {self.word_column}")
             if self.labels is not None:
-                from lmforge.tasks.tagging import check_scheme  # tagging imports seqeval; only tokens tasks need it
+                from lmforge.tasks.tagging import check_scheme  # here, as tagging imports this module
 
                 if len(set(self.labels)) != len(self.labels):
                     raise LmforgeError(f"{prefix}.labels lists a tag twice: {self.labels}")

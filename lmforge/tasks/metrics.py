@@ -8,6 +8,8 @@ best-checkpoint selection always has a number to compare.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -117,6 +119,15 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "span": ("span_f1", "exact_match"),
     "seq2seq": ("bleu", "rouge1", "rouge2", "rougeL"),
 }
+
+
+def metric_package(module: str, package: str, kind: str) -> ModuleType:
+    """Import a scoring package of the structured kinds (an optional dependency), or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LmforgeError(f"a {kind} task is scored with the {package} package, which is not installed: "
+                           f"pip install 'lmforge[tasks]'") from None
 
 
 def check_metric_names(names: Sequence[str], kind: str, num_labels: Optional[int] = None) -> None:

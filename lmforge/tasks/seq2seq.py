@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import sacrebleu
 import torch
-from rouge_score import rouge_scorer
 from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.tasks.config import TaskConfig, find_split_file
 from lmforge.tasks.datasets import Example, _delimited_rows, _file_format, _read_text
+from lmforge.tasks.metrics import metric_package
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +231,14 @@ def collate_seq2seq(items: Sequence[Seq2SeqFeatures], pad: int) -> dict[str, tor
 def bleu(hypotheses: Sequence[str], references: Sequence[str], lowercase: bool = False) -> float:
     """sacreBLEU corpus BLEU (13a tokenisation, cased unless lowercase) of one reference per hypothesis."""
     _check_lengths(hypotheses, references)
+    sacrebleu = metric_package("sacrebleu", "sacrebleu", "seq2seq")
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], lowercase=lowercase).score)
 
 
 def rouge(hypotheses: Sequence[str], references: Sequence[str], use_stemmer: bool = True) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure x100 (rouge-score, Porter stemming), one reference per hypothesis."""
     _check_lengths(hypotheses, references)
+    rouge_scorer = metric_package("rouge_score.rouge_scorer", "rouge-score", "seq2seq")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
     sums = dict.fromkeys(ROUGE_TYPES, 0.0)
     for hypothesis, reference in zip(hypotheses, references):

@@ -20,21 +20,19 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from seqeval.metrics import classification_report
-from seqeval.metrics.sequence_labeling import get_entities
-from seqeval.scheme import IOB1, IOB2, IOBES
 from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
 from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.tasks.batches import Encoded, collate
 from lmforge.tasks.config import TaskConfig, find_split_file
+from lmforge.tasks.metrics import metric_package
 
 DOCSTART = "-DOCSTART-"
 SUFFIXES = (".conll", ".txt", ".jsonl")  # where train / dev files are looked for when not named
 OUTSIDE = "O"
-# Tag prefixes each scheme allows, and seqeval's class for strict entity matching.
-SCHEMES = {"IOB1": ("BI", IOB1), "IOB2": ("BI", IOB2), "BIOES": ("BIES", IOBES)}
+# Tag prefixes each scheme allows, and the name of seqeval's class for strict entity matching.
+SCHEMES = {"IOB1": ("BI", "IOB1"), "IOB2": ("BI", "IOB2"), "BIOES": ("BIES", "IOBES")}
 
 
 @dataclass(frozen=True)
@@ -296,8 +294,10 @@ def entity_scores(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequen
         raise LmforgeError(f"task.scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     if mode not in ("conlleval", "strict"):
         raise LmforgeError(f"task.entity_mode must be conlleval or strict, got {mode!r}")
-    kwargs = {"mode": "strict", "scheme": SCHEMES[scheme][1]} if mode == "strict" else {}
-    report = classification_report([list(t) for t in true_tags], [list(p) for p in pred_tags], output_dict=True,
+    metrics = metric_package("seqeval.metrics", "seqeval", "tokens")
+    schemes = metric_package("seqeval.scheme", "seqeval", "tokens")
+    kwargs = {"mode": "strict", "scheme": getattr(schemes, SCHEMES[scheme][1])} if mode == "strict" else {}
+    report = metrics.classification_report([list(t) for t in true_tags], [list(p) for p in pred_tags], output_dict=True,
                                    zero_division=0, **kwargs)
     micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
     scores = {"entity_precision": 100.0 * float(micro["precision"]), "entity_recall": 100.0 * float(micro["recall"]),
@@ -326,4 +326,5 @@ def tagging_metrics(labels: Sequence[str], true_ids: Sequence[Sequence[int]], pr
 
 def entities(words: Sequence[str], tags: Sequence[str]) -> list[tuple[str, str, int, int]]:
     """The entities of one tagged sentence as (type, text, first word, last word), conlleval-style chunking."""
+    get_entities = metric_package("seqeval.metrics.sequence_labeling", "seqeval", "tokens").get_entities
     return [(kind, " ".join(words[start:end + 1]), start, end) for kind, start, end in get_entities(list(tags))]
