@@ -12,7 +12,7 @@ from rouge_score import rouge_scorer
 from lmforge.config import TokenizerConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.tasks.batches import IGNORE_INDEX
 from lmforge.tasks.config import TaskConfig, resolve_task_config
 from lmforge.tasks.seq2seq import (as_generation, bleu, collate_seq2seq, encode_seq2seq, load_seq2seq_task,
                                    read_parallel, read_seq2seq_jsonl, rouge, seq2seq_metrics)

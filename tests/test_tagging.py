@@ -11,7 +11,7 @@ from seqeval.scheme import IOB1, IOB2, IOBES
 from lmforge.config import TokenizerConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.tasks.batches import IGNORE_INDEX
 from lmforge.tasks.config import TaskConfig, recipe_finetune, resolve_task_config
 from lmforge.tasks.tagging import (TaggedSentence, encode_tagged, entities, entity_scores, load_tagging_task,
                                    merge_windows, read_conll, read_tagged_jsonl, tag_ids, tag_set, tagging_metrics)

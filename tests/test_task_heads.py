@@ -9,9 +9,8 @@ from lmforge.config import TokenizerConfig
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.model import build_model
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import IGNORE_INDEX
 from lmforge.tasks import qa, tagging
-from lmforge.tasks.batches import task_tokenizer
+from lmforge.tasks.batches import IGNORE_INDEX, task_tokenizer
 from lmforge.tasks.heads import (SpanExtractor, TokenClassifier, backbone_hidden, build_per_token_model, span_loss,
                                  token_classification_loss)
 

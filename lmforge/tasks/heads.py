@@ -15,18 +15,24 @@ from torch import nn
 
 from lmforge.model import build_model
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import IGNORE_INDEX, init_weights
-from lmforge.tasks.models import decoder_hidden
+from lmforge.tasks.batches import IGNORE_INDEX
 
 
 def backbone_hidden(backbone: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states (batch, length, d_model) of a BertEncoder or GPT: its `hidden_states` where it has one."""
+    """Final hidden states (batch, length, d_model) of a BertEncoder or GPT: its `hidden_states` where it has one.
+
+    A GPT has no segments: token_type_ids are dropped for it.
+    """
+    if backbone.config.family != "bert":
+        token_type_ids = None
     if hasattr(backbone, "hidden_states"):
         return backbone.hidden_states(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
     if backbone.config.family == "bert":
         hidden, _ = backbone(input_ids, token_type_ids, attention_mask)
         return hidden
+    from lmforge.tasks.models import decoder_hidden  # the models without hidden_states
+
     # Right padding and causal attention: real positions never see the pads, so no mask is needed.
     return decoder_hidden(backbone, input_ids)
 
@@ -46,7 +52,8 @@ class _PerTokenModel(nn.Module):
 
     def _linear(self) -> nn.Linear:
         layer = nn.Linear(self.config.d_model, self._width)
-        init_weights(layer, self.config)
+        nn.init.normal_(layer.weight, mean=0.0, std=0.02)  # as the model's own linear layers (GPT-2 / BERT)
+        nn.init.zeros_(layer.bias)
         return layer
 
     def _per_token(self, layer: nn.Linear, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,

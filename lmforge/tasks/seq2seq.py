@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.tasks.batches import IGNORE_INDEX
 from lmforge.tasks.config import TaskConfig, find_split_file
 from lmforge.tasks.datasets import Example, _delimited_rows, _file_format, _read_text
 from lmforge.tasks.metrics import metric_package

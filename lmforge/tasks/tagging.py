@@ -23,8 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
-from lmforge.model.transformer import IGNORE_INDEX
-from lmforge.tasks.batches import Encoded, collate
+from lmforge.tasks.batches import IGNORE_INDEX, Encoded, collate
 from lmforge.tasks.config import TaskConfig, find_split_file
 from lmforge.tasks.metrics import metric_package
 
