@@ -168,3 +168,12 @@ def test_shipped_recipes_read_multi30k_and_dialogsum():
     task = load_seq2seq_task(summaries)
     assert (len(task.train), len(task.dev), task.skipped) == (12_460, 500, 0)
     assert task.train[0].target.startswith("Mr. Smith's getting a check-up")
+
+
+def test_missing_scoring_package_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # what an environment without the package imports
+    with pytest.raises(LmforgeError, match=r"scored with the sacrebleu package, which is not installed: pip install "
+                                           r"'lmforge\[tasks\]'"):
+        bleu(["a"], ["a"])
