@@ -192,3 +192,14 @@ def test_shipped_recipe_holds_out_eight_articles():
     assert len({e.title for e in task.dev}) == 8 and not {e.title for e in task.dev} & {e.title for e in task.train}
     with pytest.raises(LmforgeError, match="held_out_articles takes the dev split from the train file"):
         resolve_task_config("qa-squad", overrides=[f"path={SQUAD_DEV.parent}", "dev_file=dev-v1.1.json"])
+
+
+def test_a_question_without_answer_is_encoded_for_prediction(tokenizer):
+    gold = QAExample("0", "t", "Who won?", PASSAGE, ("Denver Broncos",), PASSAGE.index("Denver Broncos"), "s")
+    open_question = QAExample("1", "t", "Who won?", PASSAGE, (), 0, "predict")
+    trained, asked = encode_qa(tokenizer, [gold], 32, 12), encode_qa(tokenizer, [open_question], 32, 12)
+    assert [w.ids for w in asked] == [w.ids for w in trained]
+    assert all((w.start, w.end) == (0, 0) for w in asked) and any(w.start > 0 for w in trained)
+    starts = [np.eye(len(w.ids))[t.start] * (t.start > 0) for w, t in zip(asked, trained)]
+    ends = [np.eye(len(w.ids))[t.end] * (t.start > 0) for w, t in zip(asked, trained)]
+    assert best_answers(asked, [open_question], starts, ends) == ["Denver Broncos"]

@@ -177,3 +177,23 @@ def test_missing_scoring_package_says_how_to_install_it(monkeypatch):
     with pytest.raises(LmforgeError, match=r"scored with the sacrebleu package, which is not installed: pip install "
                                            r"'lmforge\[tasks\]'"):
         bleu(["a"], ["a"])
+
+
+def test_decoder_inputs_that_encode_generation_cuts_are_counted_or_refused(multi30k_val):
+    from lmforge.tasks.batches import encode_generation
+    from lmforge.tasks.seq2seq import Seq2SeqExample, count_cut_prompts
+
+    english, german = multi30k_val
+    tok = train_tokenizer(english + german, TokenizerConfig(kind="bpe", vocab_size=400), family="gpt",
+                          show_progress=False)
+    examples = as_generation([Seq2SeqExample(e, g, f"val:{i}") for i, (e, g) in enumerate(zip(english, german), 1)],
+                             "English: {input}\nGerman: ")
+    max_length = 90
+    expected = 0
+    for e in examples:  # the reference: does encode_generation's input hold the whole prompt and target?
+        full = len(tok.encode(e.text, add_special_tokens=False).ids) + len(tok.encode(e.label, add_special_tokens=False).ids)
+        expected += len(encode_generation(tok, [e], max_length)[0].ids) < full  # input = prompt + target (+ eos - 1)
+    assert 0 < expected < len(examples)
+    assert count_cut_prompts(tok, examples, max_length) == expected
+    with pytest.raises(LmforgeError, match=r"val:\d+: the input and target are \d+ tokens, more than finetune.max_length 90"):
+        count_cut_prompts(tok, examples, max_length, strict=True)

@@ -14,7 +14,8 @@ from lmforge.errors import LmforgeError
 from lmforge.tasks.batches import IGNORE_INDEX
 from lmforge.tasks.config import TaskConfig, recipe_finetune, resolve_task_config
 from lmforge.tasks.tagging import (TaggedSentence, encode_tagged, entities, entity_scores, load_tagging_task,
-                                   merge_windows, read_conll, read_tagged_jsonl, tag_ids, tag_set, tagging_metrics)
+                                   merge_windows, read_conll, read_tagged_jsonl, split_words, tag_ids, tag_set,
+                                   tagging_metrics)
 
 CONLL = """-DOCSTART- -X- -X- O
 
@@ -253,3 +254,14 @@ def test_tokens_config_is_validated(tmp_path):
     (tmp_path / "dev.txt").write_text(CONLL.replace("B-LOC", "S-LOC"))
     with pytest.raises(LmforgeError, match=r"dev.txt: tag 'S-LOC' does not fit task.scheme IOB2"):
         load_tagging_task(TaskConfig(**base, train_file="dev.txt").validate())
+
+
+def test_split_words_of_a_raw_text_for_prediction(tokenizer):
+    text = "Peter Blackburn met the EU's envoy in Brussels."
+    words = split_words(tokenizer, text)
+    assert [w for w, _ in words] == ["Peter", "Blackburn", "met", "the", "EU", "'", "s", "envoy", "in", "Brussels", "."]
+    assert all(text[a:b] == w for w, (a, b) in words)
+    from tokenizers import Tokenizer, models
+
+    bare = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    assert [w for w, _ in split_words(bare, " a  b\tc ")] == ["a", "b", "c"]

@@ -40,7 +40,7 @@ class QAExample:
     title: str  # the article; splits never cut one
     question: str
     context: str
-    answers: tuple[str, ...]  # every gold answer text whose offset matched (EM / F1 take the best of them)
+    answers: tuple[str, ...]  # every gold answer text whose offset matched (EM / F1 take the best of them); () to predict
     answer_start: int  # character offset of answers[0] in context: the training target
     source: str  # "path: data[i].paragraphs[j].qas[k]", for messages
 
@@ -160,7 +160,7 @@ class SpanWindow:
 
 
 def encode_qa(tokenizer: Tokenizer, examples: Sequence[QAExample], max_length: int, stride: int) -> list[SpanWindow]:
-    """Question + passage windows of each example, with the answer's token positions.
+    """Question + passage windows of each example, with the answer's token positions (0, 0 without an answer).
 
     tokenizer: a task tokenizer (the family's pair template); windows hold at most max_length tokens.
     """
@@ -176,13 +176,14 @@ def encode_qa(tokenizer: Tokenizer, examples: Sequence[QAExample], max_length: i
     encodings = tok.encode_batch([(e.question, e.context) for e in examples]) if examples else []
     windows = []
     for index, (example, first) in enumerate(zip(examples, encodings)):
-        answer = (example.answer_start, example.answer_start + len(example.answers[0]))
+        # No answer (a question to predict): every window points at position 0.
+        answer = (example.answer_start, example.answer_start + len(example.answers[0])) if example.answers else None
         for enc in [first, *first.overflowing]:
             sequence_ids, all_offsets = enc.sequence_ids, enc.offsets  # each access copies out of Rust: once
             passage = [t for t, s in enumerate(sequence_ids) if s == 1]
             offsets = [tuple(o) if s == 1 else None for o, s in zip(all_offsets, sequence_ids)]
             start = end = 0
-            if passage and offsets[passage[0]][0] <= answer[0] and offsets[passage[-1]][1] >= answer[1]:
+            if answer and passage and offsets[passage[0]][0] <= answer[0] and offsets[passage[-1]][1] >= answer[1]:
                 start = max(t for t in passage if offsets[t][0] <= answer[0])
                 end = min(t for t in passage if t >= start and offsets[t][1] >= answer[1])
             windows.append(SpanWindow(index, list(enc.ids), list(enc.type_ids), offsets, start, end))

@@ -180,6 +180,25 @@ def as_generation(examples: Sequence[Seq2SeqExample], prompt: str = "{input}\n")
     return [Example(prompt.replace("{input}", e.source), None, e.target, e.where) for e in examples]
 
 
+def count_cut_prompts(tokenizer: Tokenizer, examples: Sequence[Example], max_length: int,
+                      strict: bool = False) -> int:
+    """How many decoder examples batches.encode_generation will cut (prompt + target + <eos> over max_length + 1
+    tokens, the prompt losing its head); an error naming the first when strict."""
+    prompts = tokenizer.encode_batch([e.text for e in examples], add_special_tokens=False) if examples else []
+    targets = tokenizer.encode_batch([str(e.label) for e in examples], add_special_tokens=False) if examples else []
+    cut = 0
+    for example, prompt, target in zip(examples, prompts, targets):
+        if len(prompt.ids) + len(target.ids) + 1 > max_length + 1:
+            if strict:
+                raise LmforgeError(f"{example.source}: the input and target are {len(prompt.ids) + len(target.ids)} "
+                                   f"tokens, more than finetune.max_length {max_length} (task.strict is on; off, "
+                                   f"the input loses its head and is counted)")
+            cut += 1
+    if cut:
+        log.warning("the inputs of %d of %d example(s) will be cut to fit %d tokens", cut, len(examples), max_length)
+    return cut
+
+
 @dataclass(frozen=True)
 class Seq2SeqFeatures:
     source_ids: list[int]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -159,6 +160,17 @@ def load_tagging_task(config: TaskConfig) -> TaggingData:
         raise LmforgeError(f"{train_path}: every word has the tag {labels[0]!r}; tagging needs at least two tags")
     dev = read_tagged(find_split_file(config, "dev", SUFFIXES), config)
     return TaggingData(config, train, dev, labels, tag_ids(train, labels), tag_ids(dev, labels))
+
+
+def split_words(tokenizer: Tokenizer, text: str) -> list[tuple[str, tuple[int, int]]]:
+    """A raw text's words with their character spans, as the tokenizer's pre-tokenizer splits it (for predict).
+
+    BERT's pre-tokenizer splits on whitespace and punctuation, as CoNLL files are tokenised;
+    a tokenizer without one is split on whitespace.
+    """
+    if tokenizer.pre_tokenizer is None:
+        return [(m.group(0), m.span()) for m in re.finditer(r"\S+", text)]
+    return [(word, span) for word, span in tokenizer.pre_tokenizer.pre_tokenize_str(text) if word.strip()]
 
 
 def tag_set(sentences: Sequence[TaggedSentence]) -> list[str]:
