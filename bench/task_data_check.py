@@ -18,7 +18,8 @@ windows = tagging.encode_tagged(tok, ner.train, ner.train_tags, 128, ner.config.
 print(f"ner: {len(ner.train)} / {len(ner.dev)} sentences, {len(windows)} train windows, "
       f"{np.mean([len(w.ids) for w in windows]):.1f} tokens mean, {time.time() - t:.1f}s")
 t = time.time(); span = qa.load_span_task(resolve_task_config("qa-squad"))
-train_w, dev_w = qa.encode_qa(tok, span.train, 384, span.config.stride), qa.encode_qa(tok, span.dev, 384, span.config.stride)
+train_w = qa.encode_qa(tok, span.train, 384, span.config.stride)
+dev_w = qa.encode_qa(tok, span.dev, 384, span.config.stride)
 print(f"qa: {len(span.train)} / {len(span.dev)} questions, {len(train_w)} / {len(dev_w)} windows, "
       f"{sum(w.start == 0 for w in train_w)} train windows without the answer, {time.time() - t:.1f}s")
 oracle = [(np.eye(len(w.ids))[w.start] * (w.start > 0), np.eye(len(w.ids))[w.end] * (w.start > 0)) for w in dev_w]
@@ -28,7 +29,9 @@ for name in ("mt-multi30k", "sum-dialogsum"):
     t = time.time(); task = seq2seq.load_seq2seq_task(resolve_task_config(name))
     print(f"{name}: {len(task.train)} / {len(task.dev)} pairs, {task.skipped} skipped, {time.time() - t:.1f}s")
 mt = seq2seq.load_seq2seq_task(resolve_task_config("mt-multi30k"))
-print("mt copy-the-source baseline, dev BLEU:", round(seq2seq.bleu([e.source for e in mt.dev], [e.target for e in mt.dev]), 2))
+copied = seq2seq.bleu([e.source for e in mt.dev], [e.target for e in mt.dev])
+print("mt copy-the-source baseline, dev BLEU:", round(copied, 2))
 summ = seq2seq.load_seq2seq_task(resolve_task_config("sum-dialogsum"))
 lead = [" ".join(e.source.split("\n")[:2]) for e in summ.dev]
-print("sum lead-2-turns baseline, dev ROUGE:", {k: round(v, 2) for k, v in seq2seq.rouge(lead, [e.target for e in summ.dev]).items()})
+scores = seq2seq.rouge(lead, [e.target for e in summ.dev])
+print("sum lead-2-turns baseline, dev ROUGE:", {k: round(v, 2) for k, v in scores.items()})

@@ -129,13 +129,14 @@ def test_windows_find_every_answer_including_those_across_window_edges(tokenizer
             first_text = [i for i, y in zip(w.ids, w.type_ids) if y == 0]  # the question whole, in every window
             assert any(first_text[j:j + len(question)] == question for j in range(len(first_text)))
             covered = [o for o in w.offsets if o is not None]
-            inside = covered[0][0] <= example.answer_start and covered[-1][1] >= example.answer_start + len(example.answers[0])
+            answer_end = example.answer_start + len(example.answers[0])
+            inside = covered[0][0] <= example.answer_start and covered[-1][1] >= answer_end
             if inside:
                 assert PASSAGE[w.offsets[w.start][0]:w.offsets[w.end][1]].strip() == example.answers[0]
             else:
                 assert (w.start, w.end) == (0, 0)
-                partly = covered[0][0] <= example.answer_start < covered[-1][1] or \
-                    covered[0][0] < example.answer_start + len(example.answers[0]) <= covered[-1][1]
+                partly = (covered[0][0] <= example.answer_start < covered[-1][1]
+                          or covered[0][0] < answer_end <= covered[-1][1])
                 straddling += partly
         assert any(w.start > 0 for w in mine)  # answers of <= 3 words always fit one window whole
         # Consecutive windows overlap by exactly `stride` passage tokens.

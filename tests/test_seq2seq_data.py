@@ -191,9 +191,10 @@ def test_decoder_inputs_that_encode_generation_cuts_are_counted_or_refused(multi
     max_length = 90
     expected = 0
     for e in examples:  # the reference: does encode_generation's input hold the whole prompt and target?
-        full = len(tok.encode(e.text, add_special_tokens=False).ids) + len(tok.encode(e.label, add_special_tokens=False).ids)
+        full = sum(len(tok.encode(text, add_special_tokens=False).ids) for text in (e.text, e.label))
         expected += len(encode_generation(tok, [e], max_length)[0].ids) < full  # input = prompt + target (+ eos - 1)
     assert 0 < expected < len(examples)
     assert count_cut_prompts(tok, examples, max_length) == expected
-    with pytest.raises(LmforgeError, match=r"val:\d+: the input and target are \d+ tokens, more than finetune.max_length 90"):
+    with pytest.raises(LmforgeError, match=r"val:\d+: the input and target are \d+ tokens, more than "
+                                           r"finetune.max_length 90"):
         count_cut_prompts(tok, examples, max_length, strict=True)

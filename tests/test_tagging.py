@@ -193,7 +193,7 @@ def test_entity_scores_by_hand():
     # IOB1: a B- only separates two adjacent entities of one type; I-PER I-PER B-PER is two entities.
     true = [["I-PER", "I-PER", "B-PER", "O", "I-LOC"]]
     assert entity_scores(true, true, "IOB1")["entity_f1"] == 100.0
-    assert entities(["a", "b", "c", "d", "e"], true[0]) == [("PER", "a b", 0, 1), ("PER", "c", 2, 2), ("LOC", "e", 4, 4)]
+    assert entities(list("abcde"), true[0]) == [("PER", "a b", 0, 1), ("PER", "c", 2, 2), ("LOC", "e", 4, 4)]
     # Predicting one merged PER and the LOC: 1 of 2 predicted correct, 1 of 3 gold found.
     scores = entity_scores(true, [["I-PER", "I-PER", "I-PER", "O", "I-LOC"]], "IOB1")
     assert scores["entity_precision"] == pytest.approx(50.0)

@@ -1,6 +1,5 @@
 """Per-token task models: shapes, padding invariance, hidden states, losses, and a tiny end-to-end fit of each."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,8 @@ def test_shapes_and_padding_does_not_change_real_tokens(family):
         assert logits.shape == (2, 9, 5) and start.shape == (2, 9) and end.shape == (2, 9)
         alone = tagger(b, torch.zeros_like(b), torch.ones_like(b))
         torch.testing.assert_close(logits[1, :4], alone[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits[0], tagger(a, torch.zeros_like(a), torch.ones_like(a))[0], atol=1e-5, rtol=1e-5)
+        whole = tagger(a, torch.zeros_like(a), torch.ones_like(a))
+        torch.testing.assert_close(logits[0], whole[0], atol=1e-5, rtol=1e-5)
         s_alone, e_alone = spans(b, torch.zeros_like(b), torch.ones_like(b))
         torch.testing.assert_close(start[1, :4], s_alone[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(end[1, :4], e_alone[0], atol=1e-5, rtol=1e-5)

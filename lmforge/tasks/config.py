@@ -232,7 +232,7 @@ def _locate(task: str, data_root: Optional[str | os.PathLike]) -> tuple[Path, Op
 
 
 def task_recipe(task: str) -> Optional[Path]:
-    """The task recipe `task` names, if it is one: a .yaml file, or a shipped configs/NAME.yaml with a `task` section."""
+    """The task recipe `task` names, if any: a .yaml file, or a shipped configs/NAME.yaml with a `task` section."""
     path = Path(task).expanduser()
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path

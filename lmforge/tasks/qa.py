@@ -40,7 +40,8 @@ class QAExample:
     title: str  # the article; splits never cut one
     question: str
     context: str
-    answers: tuple[str, ...]  # every gold answer text whose offset matched (EM / F1 take the best of them); () to predict
+    # every gold answer text whose offset matched (EM / F1 take the best of them); () for a question to predict
+    answers: tuple[str, ...]
     answer_start: int  # character offset of answers[0] in context: the training target
     source: str  # "path: data[i].paragraphs[j].qas[k]", for messages
 

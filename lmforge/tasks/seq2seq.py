@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -272,7 +272,8 @@ def seq2seq_metrics(names: Sequence[str], hypotheses: Sequence[str], references:
     """{name: value} for bleu / rouge1 / rouge2 / rougeL over the dev outputs."""
     unknown = [n for n in names if n not in SEQ2SEQ_METRICS]
     if unknown:
-        raise LmforgeError(f"metric {unknown[0]!r} does not apply to seq2seq (choose from {', '.join(SEQ2SEQ_METRICS)})")
+        raise LmforgeError(f"metric {unknown[0]!r} does not apply to seq2seq "
+                           f"(choose from {', '.join(SEQ2SEQ_METRICS)})")
     out: dict[str, float] = {}
     if "bleu" in names:
         out["bleu"] = bleu(hypotheses, references)
