@@ -115,11 +115,29 @@ def test_first_subword_label_alignment_round_trips(tokenizer):
     assert merge_windows(windows, predictions, [len(s.words) for s in sentences]) == ids
 
 
+def test_last_subword_labelling_for_causal_models_round_trips(tokenizer):
+    rng = np.random.default_rng(3)
+    sentences = _sentences(rng, 10, 5, 40)
+    ids = tag_ids(sentences, tag_set(sentences))
+    windows = encode_tagged(tokenizer, sentences, ids, max_length=16, stride=5, label_subword="last")
+    full = tokenizer.encode_batch([s.words for s in sentences], is_pretokenized=True, add_special_tokens=False)
+    for w in windows:
+        for t, y in enumerate(w.labels):
+            if y != IGNORE_INDEX:  # a labelled token ends its word: the full encoding's next token is another word
+                word = w.word_ids[t]
+                last = max(k for k, x in enumerate(full[w.sentence].word_ids) if x == word)
+                assert full[w.sentence].ids[last] == w.ids[t] and y == ids[w.sentence][word]
+    predictions = [[y if y != IGNORE_INDEX else 99 for y in w.labels] for w in windows]
+    assert merge_windows(windows, predictions, [len(s.words) for s in sentences]) == ids
+    with pytest.raises(LmforgeError, match="task.label_subword must be first or last"):
+        encode_tagged(tokenizer, sentences, ids, 16, 5, label_subword="middle")
+
+
 def test_label_all_subwords_labels_every_subword_with_its_word(tokenizer):
     sentence = TaggedSentence(["scientists", "determine"], ["B-PER", "O"], "s")
     window, = encode_tagged(tokenizer, [sentence], [[1, 0]], max_length=64, stride=0, label_all_subwords=True)
     assert window.labels == [IGNORE_INDEX] + [1 if w == 0 else 0 for w in window.word_ids[1:-1]] + [IGNORE_INDEX]
-    assert sum(window.first_subword) == 2
+    assert sum(window.predicts_word) == 2
 
 
 def test_long_sentence_windows_overlap_by_stride_and_merge_to_one_tag_per_word(tokenizer):
@@ -139,7 +157,7 @@ def test_long_sentence_windows_overlap_by_stride_and_merge_to_one_tag_per_word(t
         assert sum(len(b) for b in bodies) - stride * (len(bodies) - 1) == len(enc.ids)
         assert bodies[0] + [t for b in bodies[1:] for t in b[stride:]] == list(enc.ids)
     # Each window predicts its own index at every token; a word must come from the window where its
-    # first subword is farthest from that window's edges (ties: the earlier window).
+    # labelled (first) subword is farthest from that window's edges (ties: the earlier window).
     predictions = [[k] * len(w.ids) for k, w in enumerate(windows)]
     merged = merge_windows(windows, predictions, [len(s.words) for s in sentences])
     for i, sentence in enumerate(sentences):
@@ -148,7 +166,7 @@ def test_long_sentence_windows_overlap_by_stride_and_merge_to_one_tag_per_word(t
             for k, w in enumerate(windows):
                 if w.sentence != i:
                     continue
-                positions = [t for t in range(len(w.ids)) if w.word_ids[t] == word and w.first_subword[t]]
+                positions = [t for t in range(len(w.ids)) if w.word_ids[t] == word and w.predicts_word[t]]
                 for t in positions:
                     context = min(t - 1, len(w.ids) - 2 - t)
                     if context > best_context:

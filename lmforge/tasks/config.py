@@ -54,7 +54,10 @@ class TaskConfig:
     tag_column: int = -1  # tokens, conll: the tag's column (-1: the last)
     scheme: Literal["IOB1", "IOB2", "BIOES"] = "IOB2"  # tokens: the tagging scheme of the files
     entity_mode: Literal["conlleval", "strict"] = "conlleval"  # tokens: seqeval's default chunking, or strict
-    label_all_subwords: bool = False  # tokens: every subword carries its word's tag (else the first only)
+    label_all_subwords: bool = False  # tokens: every subword carries its word's tag (else one only)
+    # tokens: the subword a word is labelled and predicted at; last suits a causal (GPT) model, which
+    # reads the whole word only there
+    label_subword: Literal["first", "last"] = "first"
     stride: Optional[int] = None  # tokens / span: tokens shared by consecutive windows; None: 32 / 128
     max_answer_length: int = 30  # span: the longest answer predicted, in tokens
     held_out_articles: int = 0  # span: > 0: dev = this many whole articles of the train file, drawn by split_seed

@@ -4,9 +4,10 @@ Files are CoNLL columns (one word per line, whitespace-separated columns, a blan
 sentence, `-DOCSTART-` lines separate documents) or JSONL objects with a list of words and a list
 of tags. Words become subwords through the run's tokenizer (pre-tokenized input, so every subword
 knows its word); the word's tag is the label of its first subword and the others are ignored by
-the loss (or all carry it, `label_all_subwords`). A sentence longer than the model's length is cut
+the loss (or all carry it, `label_all_subwords`). A causal model reads a word whole only at its
+last subword, so a GPT tagger is better labelled there (`label_subword: last`). A sentence longer than the model's length is cut
 into overlapping windows (the tokenizer's own truncation with a stride); each word's prediction is
-taken from the window where its first subword has the most context on both sides, as BERT does for
+taken from the window where its labelled subword has the most context on both sides, as BERT does for
 SQuAD. Entity-level scores are seqeval's.
 """
 
@@ -211,17 +212,21 @@ class TokenWindow:
     ids: list[int]
     type_ids: list[int]
     word_ids: list[Optional[int]]  # per token: the word it is part of, None for special tokens
-    labels: list[int]  # per token: the word's class on its first subword (or all), IGNORE_INDEX elsewhere
-    first_subword: list[bool]  # per token: whether it begins its word (the token a word is predicted at)
+    labels: list[int]  # per token: the word's class on its labelled subword (or all), IGNORE_INDEX elsewhere
+    predicts_word: list[bool]  # per token: whether it is the subword its word is labelled and predicted at
 
 
 def encode_tagged(tokenizer: Tokenizer, sentences: Sequence[TaggedSentence], tags: Optional[Sequence[Sequence[int]]],
-                  max_length: int, stride: int, label_all_subwords: bool = False) -> list[TokenWindow]:
+                  max_length: int, stride: int, label_all_subwords: bool = False,
+                  label_subword: str = "first") -> list[TokenWindow]:
     """Subword windows of each sentence with per-token labels (all IGNORE_INDEX when tags is None).
 
     tokenizer: a task tokenizer (its template's special tokens frame every window); a sentence longer
     than max_length tokens becomes windows of max_length whose texts overlap by `stride` tokens.
+    label_subword: "first" or "last", the subword of each word that carries its label and prediction.
     """
+    if label_subword not in ("first", "last"):
+        raise LmforgeError(f"task.label_subword must be first or last, got {label_subword!r}")
     head, tail = _template(tokenizer)
     room = max_length - len(head) - len(tail)
     if room < 1:
@@ -235,10 +240,14 @@ def encode_tagged(tokenizer: Tokenizer, sentences: Sequence[TaggedSentence], tag
     windows = []
     for i, enc in enumerate(encodings):
         ids, word_ids = list(enc.ids), list(enc.word_ids)
-        first = [t == 0 or word_ids[t - 1] != word_ids[t] for t in range(len(ids))]
+        n = len(ids)
+        if label_subword == "first":
+            marked = [t == 0 or word_ids[t - 1] != word_ids[t] for t in range(n)]
+        else:
+            marked = [t == n - 1 or word_ids[t + 1] != word_ids[t] for t in range(n)]
         labels = [IGNORE_INDEX] * len(ids)
         if tags is not None:
-            labels = [int(tags[i][w]) if (label_all_subwords or f) else IGNORE_INDEX for w, f in zip(word_ids, first)]
+            labels = [int(tags[i][w]) if (label_all_subwords or m) else IGNORE_INDEX for w, m in zip(word_ids, marked)]
         start = 0
         while True:  # windows start every room - stride tokens; the last one reaches the end
             end = min(start + room, len(ids))
@@ -248,7 +257,7 @@ def encode_tagged(tokenizer: Tokenizer, sentences: Sequence[TaggedSentence], tag
                 type_ids=[y for _, y in head] + [0] * (end - start) + [y for _, y in tail],
                 word_ids=[None] * len(head) + word_ids[start:end] + [None] * len(tail),
                 labels=[IGNORE_INDEX] * len(head) + labels[start:end] + [IGNORE_INDEX] * len(tail),
-                first_subword=[False] * len(head) + first[start:end] + [False] * len(tail)))
+                predicts_word=[False] * len(head) + marked[start:end] + [False] * len(tail)))
             if end == len(ids):
                 break
             start = end - stride
@@ -274,7 +283,7 @@ def merge_windows(windows: Sequence[TokenWindow], token_predictions: Sequence[Se
                   num_words: Sequence[int], fallback: int = 0) -> list[list[int]]:
     """One class per word of each sentence, from per-token predictions of every window.
 
-    A word is read at its first subword, in the window where that subword has the most tokens of
+    A word is read at its labelled subword, in the window where that subword has the most tokens of
     context on its nearer side. A word no window holds (a word the tokenizer drops, such as a lone
     control character) gets `fallback` (the O class).
     """
@@ -285,7 +294,7 @@ def merge_windows(windows: Sequence[TokenWindow], token_predictions: Sequence[Se
             continue
         lo, hi = real[0], real[-1]
         for t in real:
-            if not window.first_subword[t]:
+            if not window.predicts_word[t]:
                 continue
             word = window.word_ids[t]
             context = min(t - lo, hi - t)
