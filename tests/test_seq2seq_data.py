@@ -198,3 +198,19 @@ def test_decoder_inputs_that_encode_generation_cuts_are_counted_or_refused(multi
     with pytest.raises(LmforgeError, match=r"val:\d+: the input and target are \d+ tokens, more than "
                                            r"finetune.max_length 90"):
         count_cut_prompts(tok, examples, max_length, strict=True)
+
+
+@pytest.mark.parametrize("keys,message", [
+    (dict(prompt="Translate:"), r"task.prompt must contain \{input\}"),
+    (dict(format="conll"), "format 'conll' does not apply to a seq2seq task"),
+    (dict(held_out_articles=3), "held_out_articles splits a span task's file"),
+    (dict(source_language="en", target_language="de"), "name the sides of format parallel"),
+    (dict(labels=["a", "b"]), "labels does not apply to a seq2seq task"),
+    (dict(metrics=["entity_f1"]), "metric 'entity_f1' does not apply to seq2seq"),
+    (dict(max_target_length=0), "max_target_length must be positive"),
+])
+def test_seq2seq_config_mistakes_name_the_key(tmp_path, keys, message):
+    with pytest.raises(LmforgeError, match=message):
+        TaskConfig(name="t", path=str(tmp_path), kind="seq2seq", **keys).validate()
+    defaults = TaskConfig(name="t", path=str(tmp_path), kind="seq2seq").validate()
+    assert defaults.metrics == ["bleu", "rouge1", "rouge2", "rougeL"] and defaults.select_metric == "bleu"
