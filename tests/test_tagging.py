@@ -224,6 +224,13 @@ def test_entity_scores_by_hand():
     assert entity_scores(true, pred, "BIOES", "conlleval")["entity_f1"] == 100.0
 
 
+def test_no_entities_anywhere_scores_zero_quietly(recwarn):
+    assert entity_scores([["O", "O"]], [["O", "O"]]) == {"entity_precision": 0.0, "entity_recall": 0.0,
+                                                         "entity_f1": 0.0}
+    assert entity_scores([["O", "B-PER"]], [["O", "O"]], "IOB2", "strict")["f1_PER"] == 0.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_tagging_metrics_from_class_indices():
     labels = ["O", "B-PER", "I-PER", "B-LOC"]
     true = [[1, 2, 0, 3], [0, 0]]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -317,14 +318,21 @@ def entity_scores(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequen
     metrics = metric_package("seqeval.metrics", "seqeval", "tokens")
     schemes = metric_package("seqeval.scheme", "seqeval", "tokens")
     kwargs = {"mode": "strict", "scheme": getattr(schemes, SCHEMES[scheme][1])} if mode == "strict" else {}
-    report = metrics.classification_report([list(t) for t in true_tags], [list(p) for p in pred_tags], output_dict=True,
-                                   zero_division=0, **kwargs)
-    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
-    scores = {"entity_precision": 100.0 * float(micro["precision"]), "entity_recall": 100.0 * float(micro["recall"]),
-              "entity_f1": 100.0 * float(micro["f1-score"])}
+    with warnings.catch_warnings():  # with no entity anywhere seqeval averages empty arrays: a NumPy warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = metrics.classification_report([list(t) for t in true_tags], [list(p) for p in pred_tags],
+                                               output_dict=True, zero_division=0, **kwargs)
+    micro = report.get("micro avg", {})
+
+    def percent(row: dict, key: str) -> float:  # undefined (no entities at all) is 0.0, never NaN
+        value = float(row.get(key, 0.0))
+        return 100.0 * value if np.isfinite(value) else 0.0
+
+    scores = {"entity_precision": percent(micro, "precision"), "entity_recall": percent(micro, "recall"),
+              "entity_f1": percent(micro, "f1-score")}
     for name, row in report.items():
         if not name.endswith(" avg"):
-            scores[f"f1_{name}"] = 100.0 * float(row["f1-score"])
+            scores[f"f1_{name}"] = percent(row, "f1-score")
     return scores
 
 
