@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -47,8 +48,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
-    from lmforge.run import load_run_config
-    from lmforge.train.trainer import pretrain
+    from lmforge.report import plot_run
+    from lmforge.run import load_run_config, sample_run
+    from lmforge.train.device import resolve_device
+    from lmforge.train.pretrain import pretrain
 
     if args.resume:
         if args.config:
@@ -66,8 +69,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     if not _is_main_process():
         return 0
-    if result.sample is not None:
-        print("\n--- sample " + "-" * 60 + f"\n{result.sample}\n" + "-" * 71)
+    plot_run(run_dir)
+    sample = sample_run(run_dir, resolve_device(config.train.device))
+    if sample is not None:
+        (run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
+        print("\n--- sample " + "-" * 60 + f"\n{sample}\n" + "-" * 71)
     if "val_mlm_loss" in result.val_metrics:
         from lmforge.train.evaluate import describe_metrics
 
@@ -82,20 +88,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmforge.data.loader import loader_for
-    from lmforge.data.prepare import prepare
-    from lmforge.data.store import TokenStore
-    from lmforge.run import load_run
+    from lmforge.run import load_run, run_store
     from lmforge.train.device import resolve_device
     from lmforge.train.evaluate import describe_metrics, evaluate
 
     from lmforge.tasks.finetune import is_finetune_run
 
+    if args.batches is not None and args.batches < 1:
+        raise LmforgeError(f"--batches must be >= 1 (default: the run's train.eval_batches), got {args.batches}")
     if is_finetune_run(args.run):
+        if args.text:
+            raise LmforgeError("--text scores a pretrained run; a fine-tuned run is evaluated on its task's dev set")
         return evaluate_finetuned_run(args)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     tc = run.config.train
-    store = TokenStore(prepare(run.config.data, run.config.model.family, progress=False))
+    if args.text:
+        return _evaluate_text(args, run, device)
+    store = run_store(args.run, run.config)
     loader = loader_for(run.config, store, args.split, training=False)
     measured = evaluate(run.model, loader, args.batches or tc.eval_batches, device, tc.precision, progress=True)
     result = {"checkpoint": run.checkpoint.path.name, "split": args.split,
@@ -109,26 +119,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_text(args: argparse.Namespace, run, device) -> int:
+    from lmforge.infer.score_text import read_texts, score_text
+
+    score = score_text(run.model, run.tokenizer, run.config, read_texts(args.text), device, progress=True)
+    result = {"checkpoint": run.checkpoint.path.name, "files": args.text, "documents": score.documents,
+              "bytes": score.bytes, "tokens": score.tokens, "loss": score.loss, "bits_per_byte": score.bits_per_byte,
+              "unknown_characters": score.unknown_characters}
+    if score.accuracy is not None:
+        result["masked_accuracy"] = score.accuracy
+    else:
+        result["perplexity"] = score.perplexity
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    what = (f"masked accuracy {score.accuracy:.2%}, loss {score.loss:.4f} over {score.tokens:,} masked tokens"
+            if score.accuracy is not None else
+            f"loss {score.loss:.4f}, perplexity {score.perplexity:.2f} over {score.tokens:,} tokens")
+    unknown = f"; {score.unknown_characters:,} characters unknown to the tokenizer" if score.unknown_characters else ""
+    print(f"{run.checkpoint.path.name}: {what}, {score.bits_per_byte:.4f} bits per byte "
+          f"({score.bytes:,} bytes in {score.documents:,} document{'s' if score.documents != 1 else ''}{unknown})")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from lmforge.data.tokenizer import warn_unknown
     from lmforge.infer.generate import generate
     from lmforge.run import load_run
     from lmforge.train.device import resolve_device
 
-    if args.temperature < 0:
-        raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        raise LmforgeError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    _check_sampling_flags(args)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     if run.config.model.family != "gpt":
         raise LmforgeError(f"generate needs a decoder (gpt) run; {args.run} is a {run.config.model.family} run"
                            + (" (try: lmforge fill-mask)" if run.config.model.family == "bert" else ""))
     tokenizer = run.tokenizer
-    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    encoding = tokenizer.encode(args.prompt, add_special_tokens=False)
+    warn_unknown(tokenizer, [args.prompt], [encoding], "the prompt")
+    ids = encoding.ids
     if not ids:
         from lmforge.data.tokenizer import eos_id
 
@@ -143,16 +174,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """generate's numeric flags, before anything is loaded (a NaN compares False with every bound)."""
+    from lmforge.config import check_seed
+
+    if not 0 <= args.temperature < float("inf"):
+        raise LmforgeError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        raise LmforgeError(f"--top-k must be >= 0 (0 = no top-k filtering), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LmforgeError(f"--top-p must be in (0, 1] (1 = no nucleus filtering), got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise LmforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise LmforgeError(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_seed(args.seed, "--seed")
+
+
 def cmd_fill_mask(args: argparse.Namespace) -> int:
+    from lmforge.data.tokenizer import warn_unknown
     from lmforge.infer.fill_mask import describe, fill_mask
     from lmforge.run import load_run
     from lmforge.train.device import resolve_device
 
+    if args.top_k < 1:
+        raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
     if run.config.model.family != "bert":
         raise LmforgeError(f"fill-mask needs a masked-LM (bert) run; {args.run} is a {run.config.model.family} run"
                            f" (try: lmforge generate)")
+    warn_unknown(run.tokenizer, [args.text], [run.tokenizer.encode(args.text)], "the text")
     results = fill_mask(run.model, run.tokenizer, args.text, top_k=args.top_k, device=device)
     if args.json:
         print(json.dumps([[{"token": c.token, "probability": c.probability, "sequence": c.sequence} for c in slot]
@@ -178,7 +230,9 @@ def evaluate_finetuned_run(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
+    from lmforge.report import plot_run
+    from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune, write_samples
+    from lmforge.train.device import resolve_device
 
     if args.resume:
         if args.run or args.task:
@@ -202,6 +256,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     if not _is_main_process():
         return 0
+    plot_run(run_dir)
+    if config.task.kind == "generation" and config.finetune.generate_tokens > 0:
+        write_samples(run_dir, resolve_device(config.finetune.device))
     shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.best.items())
     early = " (stopped early)" if result.stopped_early else ""
     print(f"best dev: {shown}  (step {result.best_step} of {result.total_steps}{early}, {result.seconds:.0f}s)")
@@ -264,8 +321,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     # `--seeds ""` is an empty list (refused by validation), not "use the recipe's seeds".
     for key in ("tasks", "fractions", "seeds"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}=[{getattr(args, key)}]")
+        text = getattr(args, key)
+        if text is None:
+            continue
+        items = [item.strip() for item in text.split(",")] if text.strip() else []
+        for i, item in enumerate(items):
+            if not item:
+                raise LmforgeError(f"--{key}: item {i + 1} of {text!r} is empty (give a comma-separated list)")
+        # as a list of strings: the recipe's typed keys read "1e-1" as 0.1 and "2" as 2, and refuse the rest
+        overrides.append(f"{key}={json.dumps(items)}")
     config = load_experiment(args.config, overrides)
     out = Path(args.out or Path("runs") / f"{config.name}-{Path(args.run).name}")
     rows = run_experiment(args.run, config, out, args.glue_root)
@@ -313,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--batches", type=int, help="batches to evaluate (default: train.eval_batches)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="score these files (txt / jsonl / parquet, globs) "
+                   "instead of the validation split: loss, perplexity or masked accuracy, bits per byte")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="sample text from a decoder run")
@@ -320,9 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with "
+                   "probability >= p, in (0, 1] (1 = all)")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**63)")
     p.add_argument("--num-samples", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 
@@ -355,12 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's checkpoint as a transformers model directory")
     p.add_argument("run", help="run directory")
     p.add_argument("--to", required=True, choices=["hf"], help="hf: Hugging Face transformers (GPT2LMHeadModel / "
-                   "BertForPreTraining, tokenizer files)")
+                   "LlamaForCausalLM / BertForPreTraining, tokenizer files)")
     p.add_argument("out", help="output directory (new or empty)")
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest complete)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a local transformers checkpoint (GPT-2, BERT) into a run")
+    p = sub.add_parser("import", help="turn a local transformers checkpoint (GPT-2, Llama, BERT) into a run")
     p.add_argument("hf_dir", help="directory with config.json, weights (safetensors or .bin) and tokenizer files")
     p.add_argument("out", help="run directory to create")
     _add_config_args(p)
@@ -387,8 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_main_process() -> bool:
-    """Rank 0 of a torchrun launch, or the only process."""
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 of a torchrun launch, or the only process (from torchrun's environment, which outlives the
+    process group)."""
+    from lmforge.train.distributed import world_from_env
+
+    try:
+        return world_from_env().is_main
+    except LmforgeError:  # a malformed environment was already reported as this verb's error
+        return True
 
 
 def _launcher() -> str:
@@ -399,8 +472,26 @@ def _launcher() -> str:
     return f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m lmforge"
 
 
+class _ToStderr(logging.Handler):
+    """The library's log lines, as plain lines on stderr, between progress bars (not through them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _show_library_log() -> None:
+    logger = logging.getLogger("lmforge")
+    if not any(isinstance(h, _ToStderr) for h in logger.handlers):
+        logger.addHandler(_ToStderr())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_library_log()
     try:
         return args.func(args)
     except LmforgeError as exc:

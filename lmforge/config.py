@@ -6,6 +6,7 @@ Every error names the offending key and what would have been accepted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ class DataConfig:
     def validate(self, prefix: str) -> None:
         if not self.corpus and self.store is None:
             raise LmforgeError(f"{prefix}.corpus is empty: give files, directories or globs (or {prefix}.store)")
+        for i, pattern in enumerate(self.corpus):
+            if not pattern.strip():  # Path("") is the working directory: private files would become training data
+                raise LmforgeError(f"{prefix}.corpus[{i}] is an empty path: give a file, directory or glob "
+                                   f"(write '.' to mean the current directory)")
         if self.shard_tokens <= 0:
             raise LmforgeError(f"{prefix}.shard_tokens must be positive, got {self.shard_tokens}")
         self.tokenizer.validate(f"{prefix}.tokenizer")
@@ -113,6 +118,9 @@ class TrainConfig:
     # Sequences per forward/backward pass on one process; 0 = batch_size / processes (no accumulation).
     # Gradient accumulation steps = batch_size / (micro_batch_size * processes).
     micro_batch_size: int = 0
+    # Processes that build training batches ahead of the step (0: built in the training process). Never
+    # changes the batches; a few keep a GPU fed (see docs/loader.md).
+    loader_workers: int = 0
     # blocks: each epoch a shuffled partition of the stream (no window twice); random: uniform offsets
     windows: Literal["blocks", "random"] = "blocks"
     lr: float = 1e-3
@@ -147,7 +155,7 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         for key in ("min_lr", "weight_decay", "grad_clip", "warmup_steps", "keep_checkpoints", "keep_every", "eps",
-                    "sample_tokens", "micro_batch_size"):
+                    "sample_tokens", "micro_batch_size", "loader_workers"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if self.min_lr > self.lr:
@@ -157,6 +165,13 @@ class TrainConfig:
                 raise LmforgeError(f"{prefix}.{key} must be in [0, 1), got {getattr(self, key)}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise LmforgeError(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check_seed(self.seed, f"{prefix}.seed")
+
+
+def check_seed(seed: int, name: str) -> None:
+    """Seeds feed numpy's SeedSequence (non-negative) and torch's generators (64 bits): [0, 2**63) suits both."""
+    if not 0 <= seed < 2**63:
+        raise LmforgeError(f"{name} must be in [0, 2**63), got {seed}")
 
 
 @dataclass
@@ -235,20 +250,41 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _number(value: Any) -> int | float | None:
+    """An int or float read from a number or a numeric string, else None.
+
+    PyYAML (YAML 1.1) reads `3e-4` and `1e3` as strings, and JSON or a shell may hand over "10":
+    a number written as text is the same number wherever it comes from (a YAML file, `--set`, a flag).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        for parse in (int, float):
+            try:
+                return parse(value)
+            except ValueError:
+                pass
+    return None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only lossless cases (int -> float)."""
+    """Check `value` against the annotation `tp`, converting only lossless cases (int -> float, "3e-4" -> 3e-4)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        if isinstance(value, str) and str in args:
+            return value  # text where text is accepted stays text (a column header "3" is not the index 3)
+        options = [arg for arg in args if arg is not type(None)]
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except LmforgeError:
-                pass
+                if len(options) == 1:  # Optional[X]: X's own message is the precise one
+                    raise
         raise LmforgeError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -270,15 +306,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise LmforgeError(f"config key '{key}' must be true or false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+        number = _number(value)
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        if not isinstance(number, int):
             raise LmforgeError(f"config key '{key}' must be an integer, got {value!r}")
-        return value
+        return number
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise LmforgeError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):
+            raise LmforgeError(f"config key '{key}' must be a finite number, got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise LmforgeError(f"config key '{key}' must be a string, got {value!r}")
@@ -300,7 +340,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is read as YAML."""
+    """'train.steps=10' -> (['train', 'steps'], 10); the value is read as YAML."""
     if "=" not in text:
         raise LmforgeError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
@@ -311,12 +351,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    # YAML 1.1 reads "1e-3" as a string; numbers in scientific notation are what people type.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
+    # YAML 1.1 reads "3e-4" as a string: the typed keys read numeric strings (see _number), as they do from a file.
     return key.split("."), value
 
 

@@ -1,21 +1,23 @@
-"""A run directory on disk: its resolved config, tokenizer and checkpoints, loaded back as a model."""
+"""A run directory on disk loaded back for use: its resolved config, tokenizer and a checkpoint's model,
+the token store it trained on, and text sampled from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from tokenizers import Tokenizer
 
 from lmforge.config import Config, config_from_dict, read_yaml
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.tokenizer import eos_id, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import build_model
 from lmforge.train.checkpoint import Checkpoint, find_checkpoint, load_model_weights
+from lmforge.train.rundir import CONFIG_FILE, TOKENIZER_FILE, RunDir, open_recorded_store
 
-CONFIG_FILE, TOKENIZER_FILE = "config.yaml", "tokenizer.json"
+__all__ = ["CONFIG_FILE", "TOKENIZER_FILE", "LoadedRun", "load_run", "load_run_config", "run_store", "sample_text"]
 
 
 def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Config:
@@ -24,6 +26,7 @@ def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Con
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise LmforgeError(f"{run_dir} is not an lmforge run: {CONFIG_FILE} missing")
+    RunDir(run_dir).record()  # refuses a run of a newer format
     return config_from_dict(read_yaml(path), overrides)
 
 
@@ -45,3 +48,41 @@ def load_run(run_dir: str | Path, checkpoint: Optional[str] = None, device: str 
     load_model_weights(model, found.model_path)
     model.to(device).eval()
     return LoadedRun(config, tokenizer, model, found)
+
+
+def run_store(run_dir: str | Path, config: Config, progress: bool = False) -> Any:
+    """The token store the run trained on (its recorded one, else rebuilt from its corpus)."""
+    return open_recorded_store(RunDir(run_dir), config.data, config.model.family, progress)
+
+
+def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
+                device: torch.device, seed: int, temperature: float = 0.8, top_k: Optional[int] = 200,
+                top_p: Optional[float] = None) -> str:
+    """Decode a sampled continuation of `prompt` (prompt included)."""
+    from lmforge.infer.generate import generate
+
+    # An empty prompt starts from the end-of-text token: "a new document begins".
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eos_id(tokenizer)]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, generator=generator)
+    return tokenizer.decode(out[0].tolist())
+
+
+def sample_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Optional[str]:
+    """The end-of-pretraining sample of a run's final checkpoint (train.sample_prompt / sample_tokens):
+    a continuation for decoders, the [MASK] fill for encoders; None when the recipe asks for none."""
+    from lmforge.infer.fill_mask import describe as describe_fill_mask
+    from lmforge.infer.fill_mask import fill_mask
+
+    run = load_run(run_dir, device=device)
+    tc = run.config.train
+    if tc.sample_tokens <= 0:
+        return None
+    device = torch.device(device)
+    if run.config.model.family == "bert":
+        if "[MASK]" not in tc.sample_prompt:
+            return None
+        return tc.sample_prompt + "\n" + describe_fill_mask(fill_mask(run.model, run.tokenizer, tc.sample_prompt,
+                                                                      top_k=5, device=device))
+    return sample_text(run.model, run.tokenizer, tc.sample_prompt, tc.sample_tokens, device, seed=tc.seed)

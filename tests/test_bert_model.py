@@ -5,7 +5,7 @@ import torch
 
 from lmforge.interop.hf import bert_hf_config, bert_state_from_hf, bert_state_to_hf
 from lmforge.model import ModelConfig, build_model
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX
 
 CONFIG = ModelConfig(family="bert", n_layer=2, n_head=4, d_model=32, block_size=24, vocab_size=97,
                      layer_norm_eps=1e-12)

@@ -114,3 +114,16 @@ def test_prepare_records_curation_in_the_manifest_and_report_shows_it(tmp_path, 
     out = capsys.readouterr().out
     assert "gopher_quality" in out and "exact_dedup" in out
     assert (store.path / "plots" / "curation.png").is_file()
+
+
+def test_chunks_that_curation_empties_are_not_reported_as_empty_input_files(tmp_path, capsys):
+    # Three chunks of ~2 kB: the first keeps its documents, the other two lose every one to the filter.
+    docs = [GOOD.replace("village", f"village {i}") for i in range(3)] + [BAD["gopher_quality"]] * 60
+    config = DataConfig(corpus=[str(_jsonl(tmp_path / "c.jsonl", docs))], tokenizer=TokenizerConfig(kind="char"),
+                        split=SplitConfig(by="tail", val_fraction=0.1), store=str(tmp_path / "store"),
+                        curate=CurateConfig(filters=["gopher_quality"], chunk_bytes=2000))
+    store = TokenStore(prepare(config, progress=False))
+    assert store.manifest["curation"]["documents_kept"] == 3
+    assert len(json.loads((tmp_path / "store" / "manifest.json").read_text())["curation"]["steps"]) == 2
+    assert store.manifest["corpus"]["skipped_files"] == []
+    assert "skipping" not in capsys.readouterr().err

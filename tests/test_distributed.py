@@ -23,7 +23,7 @@ from lmforge.cli import main
 from lmforge.config import load_config, upgrade_train_section
 from lmforge.data.loader import CLMLoader
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import Checkpoint, load_training_state
+from lmforge.train.checkpoint import Checkpoint, TrainerState, load_training_state
 from lmforge.train.distributed import fsdp_units
 
 RTOL = 1e-5
@@ -290,5 +290,5 @@ def test_crafted_dcp_metadata_is_refused_not_unpickled(tmp_path):
     (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Exploit()))
     model = nn.Linear(2, 2)
     with pytest.raises(LmforgeError, match="posix.system is not allowed|os.system is not allowed"):
-        load_training_state(Checkpoint(ckpt, {}), model, torch.optim.AdamW(model.parameters()))
+        load_training_state(Checkpoint(ckpt, TrainerState()), model, torch.optim.AdamW(model.parameters()))
     assert not (tmp_path / "pwned").exists()

@@ -10,7 +10,7 @@ import yaml
 from conftest import tiny_config_dict
 from lmforge.cli import main
 from lmforge.train import checkpoint as checkpoint_module
-from lmforge.train import trainer as trainer_module
+from lmforge.train import pretrain as trainer_module
 
 
 def _config(tmp_path, corpus, **train):

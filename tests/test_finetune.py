@@ -15,13 +15,13 @@ from conftest import TEXT
 from lmforge.cli import main
 from lmforge.config import TokenizerConfig, config_from_dict, dump_config
 from lmforge.data.tokenizer import EOS, load_tokenizer, train_tokenizer
-from lmforge.model import build_model
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX, build_model
 from lmforge.tasks.batches import collate, encode_examples, encode_generation, task_tokenizer
 from lmforge.tasks.datasets import Example
-from lmforge.tasks.finetune import evaluate_finetuned, finetune, load_finetuned, plan_finetune, predict
-from lmforge.tasks.models import build_task_model, decoder_hidden
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.tasks.finetune import (evaluate_finetuned, finetune, load_finetuned, plan_finetune, predict,
+                                    write_samples)
+from lmforge.tasks.models import build_task_model
+from lmforge.train.checkpoint import TrainerState, save_checkpoint
 
 POSITIVE = ["a great film", "good and fine", "great acting", "a good story", "fine and great", "good fun",
             "great great", "a fine cast"]
@@ -45,7 +45,7 @@ def make_base_run(root: Path, family: str = "bert", **model) -> Path:
     config = config_from_dict({"name": "base", "data": {"corpus": [str(corpus)]}, "model": shape})
     dump_config(config, run / "config.yaml")
     torch.manual_seed(0)
-    save_checkpoint(run / "checkpoints", 1, build_model(config.model), None, {})
+    save_checkpoint(run / "checkpoints", build_model(config.model), None, TrainerState(step=1))
     return run
 
 
@@ -159,7 +159,7 @@ def test_mean_pooling_averages_the_real_tokens_whatever_the_padding(tmp_path, fa
         expected = []
         for row, n in enumerate(LENGTHS):
             alone = ids[row:row + 1, :n]
-            hidden = (model.backbone(alone)[0] if family == "bert" else decoder_hidden(model.backbone, alone))
+            hidden = model.backbone.hidden_states(alone)
             expected.append(model.head(hidden.double().mean(1).float()))
     assert torch.allclose(batched, torch.cat(expected), atol=1e-5)
     assert torch.allclose(batched, other_pads, atol=1e-5)
@@ -215,6 +215,7 @@ def test_generation_finetune_learns_responses_and_predicts_them(tmp_path, capsys
     config = plan_finetune(base, str(task), [*FAST, "finetune.steps=60", "finetune.eval_every=20",
                                              "finetune.generate_tokens=6"])
     finetune(config, run, progress=False)
+    write_samples(run, torch.device("cpu"))  # what `lmforge finetune` does after a generation fine-tune
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [s["response"] for s in samples] == ["one", "two"]
     assert main(["predict", str(run), "what is two"]) == 0

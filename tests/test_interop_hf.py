@@ -2,6 +2,7 @@
 identical greedy generations, and clear refusals of what cannot be converted. Tiny random models, no network."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from lmforge.interop.hf_import import import_hf
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer, write_tokenizer_files
 from lmforge.model import ModelConfig, build_model
 from lmforge.run import load_run
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.train.checkpoint import TrainerState, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +74,7 @@ def _make_run(tmp_path, family, kind=None, **model_kw):
     dump_config(config, run / "config.yaml")
     tokenizer.save(str(run / "tokenizer.json"))
     torch.manual_seed(0)
-    save_checkpoint(run / "checkpoints", 10, _randomise(build_model(config.model)), None, {})
+    save_checkpoint(run / "checkpoints", _randomise(build_model(config.model)), None, TrainerState(step=10))
     return run
 
 
@@ -98,15 +99,21 @@ def _max_diff(a, b, real):
 # Export: our run -> transformers
 
 
-def test_gpt_export_gives_transformers_equal_logits_and_identical_greedy_generation(tmp_path):
-    run = _make_run(tmp_path, "gpt")
+LLAMA_GQA_UNTIED = {"layout": "llama", "n_kv_head": 2, "tie_embeddings": False}
+LLAMA_BIAS_THETA = {"layout": "llama", "n_kv_head": 1, "bias": True, "rope_theta": 500000.0, "ffn_hidden": 72}
+
+
+@pytest.mark.parametrize("architecture,model_kw", [("GPT2LMHeadModel", {}), ("LlamaForCausalLM", LLAMA_GQA_UNTIED),
+                                                   ("LlamaForCausalLM", LLAMA_BIAS_THETA)])
+def test_gpt_export_gives_transformers_equal_logits_and_identical_greedy_generation(tmp_path, architecture, model_kw):
+    run = _make_run(tmp_path, "gpt", **model_kw)
     exported = export_run(run, tmp_path / "hf")
-    assert exported.architecture == "GPT2LMHeadModel"
+    assert exported.architecture == architecture
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "generation_config.json"} <= set(exported.files)
     ours = load_run(run).model
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(theirs).__name__ == "GPT2LMHeadModel"
+    assert type(theirs).__name__ == architecture
     ids, _, attention = _padded_batch(ours.config.vocab_size)
     with torch.no_grad():
         diff = _max_diff(ours(ids).logits, theirs(input_ids=ids, attention_mask=attention).logits, attention.bool())
@@ -205,6 +212,15 @@ def _gpt2(cls_name="GPT2LMHeadModel", **kw):
     return _randomise(getattr(transformers, cls_name)(config)).eval()
 
 
+def _llama(**kw):
+    vocab = _tokenizer("gpt").get_vocab_size()
+    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      hidden_size=32, intermediate_size=80, max_position_embeddings=24,
+                                      vocab_size=vocab, bos_token_id=0, eos_token_id=0, **kw)
+    torch.manual_seed(0)
+    return _randomise(transformers.LlamaForCausalLM(config)).eval()
+
+
 def _bert(cls_name="BertForPreTraining", **kw):
     vocab = _tokenizer("bert").get_vocab_size()
     config = transformers.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32,
@@ -225,6 +241,55 @@ def test_gpt2_import_gives_equal_logits(tmp_path, cls_name):
         out = theirs(input_ids=ids, attention_mask=attention)
         logits = out.logits if cls_name == "GPT2LMHeadModel" else out.last_hidden_state @ theirs.wte.weight.T
         assert _max_diff(run.model(ids).logits, logits, attention.bool()) < TOL
+
+
+@pytest.mark.parametrize("kw", [{"tie_word_embeddings": True},
+                                {"tie_word_embeddings": False, "rope_parameters": {"rope_type": "default",
+                                                                                  "rope_theta": 1000.0}}])
+def test_llama_import_through_the_cli_gives_equal_logits_and_greedy_generations(tmp_path, capsys, kw):
+    from lmforge.cli import main
+
+    theirs = _llama(**kw)
+    assert main(["import", str(_hf_dir(tmp_path, theirs, "gpt")), str(tmp_path / "run")]) == 0
+    assert "imported LlamaForCausalLM" in capsys.readouterr().out
+    run = load_run(tmp_path / "run")
+    c = run.config.model
+    assert (c.layout, c.n_kv_head, c.ffn_hidden, c.bias) == ("llama", 2, 80, False)
+    assert c.tie_embeddings == kw["tie_word_embeddings"] and c.rope_theta == theirs.config.rope_parameters["rope_theta"]
+    ids, _, attention = _padded_batch(c.vocab_size)
+    with torch.no_grad():
+        assert _max_diff(run.model(ids).logits, theirs(input_ids=ids, attention_mask=attention).logits,
+                         attention.bool()) < TOL
+        prompt = ids[:1, :5]
+        reference = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                    max_new_tokens=15, eos_token_id=None)
+    assert generate(run.model, prompt, 15, temperature=0).tolist() == reference.tolist()
+
+
+def test_llama_export_and_import_refuse_what_does_not_map(tmp_path, capsys):
+    from lmforge.cli import main
+
+    run = _make_run(tmp_path, "gpt", layout="llama", qk_norm=True)
+    assert main(["export", str(run), "--to", "hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.qk_norm=true has no LlamaForCausalLM equivalent" in err
+    assert not (tmp_path / "out").exists()
+
+    directory = _hf_dir(tmp_path, _llama(), "gpt")
+    original = (directory / "config.json").read_text()
+    for change, message in (
+            ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+             "rope type 'llama3': scaled rotary embeddings have no lmforge equivalent"),
+            ({"attention_bias": True}, "attention_bias=True and mlp_bias=False differ"),
+            ({"hidden_act": "gelu"}, "hidden_act='gelu': a gated feed-forward with another activation"),
+            ({"num_key_value_heads": 3}, "config.json describes a model lmforge cannot build: config.json.n_head (4) "
+                                         "must be a multiple of config.json.n_kv_head (3)"),
+            ({"head_dim": 16}, "head_dim=16 is not hidden_size / num_attention_heads (8)")):
+        (directory / "config.json").write_text(original)
+        _edit_config(directory, **change)
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            import_hf(directory, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("cls_name,initialised", [("BertForPreTraining", []),
@@ -252,13 +317,16 @@ def test_bert_import_gives_equal_outputs_and_initialises_missing_heads(tmp_path,
             assert (pooled - out.pooler_output).abs().max() < TOL
 
 
-def test_export_then_import_restores_the_same_weights(tmp_path):
-    for family in ("gpt", "bert"):
-        run = _make_run(tmp_path, family)
-        export_run(run, tmp_path / f"hf-{family}")
-        import_hf(tmp_path / f"hf-{family}", tmp_path / f"back-{family}")
-        before, after = load_run(run).model.state_dict(), load_run(tmp_path / f"back-{family}").model.state_dict()
-        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+@pytest.mark.parametrize("family,model_kw", [("gpt", {}), ("bert", {}), ("gpt", LLAMA_GQA_UNTIED),
+                                             ("gpt", LLAMA_BIAS_THETA)])
+def test_export_then_import_restores_the_same_weights(tmp_path, family, model_kw):
+    run = _make_run(tmp_path, family, **model_kw)
+    export_run(run, tmp_path / f"hf-{family}")
+    import_hf(tmp_path / f"hf-{family}", tmp_path / f"back-{family}")
+    back = load_run(tmp_path / f"back-{family}")
+    before, after = load_run(run).model.state_dict(), back.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {k: getattr(back.config.model, k) for k in model_kw} == model_kw
 
 
 def test_import_reads_a_weights_only_bin_converts_half_precision_and_cuts_positions(tmp_path):
@@ -446,8 +514,8 @@ def test_finetuned_runs_export_as_classifier_with_label_names_or_as_gpt2(tmp_pat
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tokenizer.save(str(run / "tokenizer.json"))
-    save_checkpoint(run / "checkpoints", 2, _randomise(build_task_model(config.model, "classification", 3, 0.0)),
-                    None, {})
+    save_checkpoint(run / "checkpoints", _randomise(build_task_model(config.model, "classification", 3, 0.0)),
+                    None, TrainerState(step=2))
 
     assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf")]) == 0
     assert "AutoModelForSequenceClassification" in capsys.readouterr().out
@@ -470,7 +538,7 @@ def test_finetuned_runs_export_as_classifier_with_label_names_or_as_gpt2(tmp_pat
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tokenizer.save(str(run / "tokenizer.json"))
-    save_checkpoint(run / "checkpoints", 2, _randomise(build_task_model(config.model, "generation", 0, 0.0)), None, {})
+    save_checkpoint(run / "checkpoints", _randomise(build_task_model(config.model, "generation", 0, 0.0)), None, TrainerState(step=2))
     assert main(["export", str(run), "--to", "hf", str(tmp_path / "hf-gpt")]) == 0
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-gpt").eval()
     ids, _, attention = _padded_batch(config.model.vocab_size)

@@ -267,7 +267,9 @@ def test_tokens_config_is_validated(tmp_path):
     (tmp_path / "dev.txt").write_text(CONLL.replace("B-LOC", "B-PLACE"))
     base = dict(name="t", path=str(tmp_path), kind="tokens")
     with pytest.raises(LmforgeError, match="task.labels: tag 'X' does not fit task.scheme IOB2"):
-        TaskConfig(**base, labels=["O", "B-PER", "X"]).validate()
+        load_tagging_task(TaskConfig(**base, labels=["O", "B-PER", "X"]).validate())
+    with pytest.raises(LmforgeError, match="task.labels lists a tag twice"):
+        TaskConfig(**base, labels=["O", "B-PER", "O"]).validate()
     with pytest.raises(LmforgeError, match="format 'squad' does not apply to a tokens task"):
         TaskConfig(**base, format="squad").validate()
     with pytest.raises(LmforgeError, match="metric 'bleu' does not apply to tokens"):

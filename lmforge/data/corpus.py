@@ -2,16 +2,20 @@
 
 Formats: plain text (.txt and anything else that decodes) and JSON lines (.jsonl / .json), each
 optionally compressed (.gz, .bz2, .xz), and parquet (a text column, read one row group at a time).
-Bad input is counted and reported, never a traceback.
+Text is UTF-8, or UTF-16 / UTF-32 when a byte-order mark says so. Bad input is counted and reported,
+never a traceback: a file or directory that is skipped is named in a warning and in `skipped_files`.
 """
 
 from __future__ import annotations
 
 import bz2
+import codecs
 import glob
 import gzip
+import io
 import json
 import lzma
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,9 @@ _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
 _SKIP_SUFFIXES = {".md", ".yaml", ".yml", ".py", ".pyc"}  # metadata next to corpora, not corpus text
+# Byte-order marks and the codec that reads (and drops) each; UTF-32-LE's starts with UTF-16-LE's, so first.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass
@@ -39,7 +46,7 @@ class CorpusStats:
     bytes: int = 0
     empty_documents: int = 0
     files_with_replaced_bytes: int = 0
-    skipped_files: list[str] = field(default_factory=list)  # "path (why)"
+    skipped_files: list[str] = field(default_factory=list)  # "path (why)": files, and directories that cannot be read
     bad_json_lines: int = 0
 
     def to_dict(self) -> dict:
@@ -53,12 +60,28 @@ def _plain_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def resolve_corpus_files(patterns: list[str]) -> list[Path]:
-    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list."""
+def _walk(directory: Path) -> tuple[list[Path], list[OSError]]:
+    """The corpus files under `directory` (recursively), and the errors of the subdirectories that cannot be read."""
+    errors: list[OSError] = []
+    found = []
+    for parent, _dirs, names in os.walk(directory, onerror=errors.append):
+        found.extend(Path(parent) / name for name in names)
+    files = sorted(p for p in found if p.is_file() and not p.name.startswith(".") and _plain_suffix(p) not in _SKIP_SUFFIXES)
+    return files, errors
+
+
+def resolve_corpus_files(patterns: list[str], stats: CorpusStats | None = None) -> list[Path]:
+    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list.
+
+    A subdirectory that cannot be read is skipped; with `stats` it is also named in a warning and in
+    stats.skipped_files (the callers that only list the files pass none, so it is said once).
+    """
     if not patterns:
         raise LmforgeError("no corpus given: data.corpus lists files, directories or globs")
     files: list[Path] = []
     for pattern in patterns:
+        if not pattern.strip():  # Path("") is the working directory
+            raise LmforgeError("data.corpus holds an empty path: give a file, directory or glob ('.' for this directory)")
         if pattern.startswith("builtin:"):
             name = pattern.removeprefix("builtin:")
             path = SAMPLE_DATA_DIR / f"{name}.txt"
@@ -69,10 +92,12 @@ def resolve_corpus_files(patterns: list[str]) -> list[Path]:
             continue
         path = Path(pattern).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and _plain_suffix(p) not in _SKIP_SUFFIXES)
+            found, errors = _walk(path)
             if not found:
-                raise LmforgeError(f"corpus directory {path} holds no text files")
+                unreadable = f" (cannot read {errors[0].filename}: {errors[0].strerror})" if errors else ""
+                raise LmforgeError(f"corpus directory {path} holds no text files{unreadable}")
+            for error in errors if stats is not None else ():
+                _skip(stats, Path(error.filename), f"directory cannot be read: {error.strerror}")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -92,10 +117,27 @@ def _open_binary(path: Path) -> IO[bytes]:
     return opener(path, "rb") if opener else open(path, "rb")
 
 
-def _looks_binary(path: Path) -> bool:
+def _head(path: Path) -> bytes:
     with _open_binary(path) as fh:
-        head = fh.read(8192)
-    return b"\x00" in head
+        return fh.read(8192)
+
+
+def _bom_encoding(head: bytes) -> str | None:
+    return next((codec for bom, codec in _BOMS if head.startswith(bom)), None)
+
+
+def _likely_encoding(head: bytes) -> str | None:
+    """The UTF-16 / UTF-32 layout that NUL bytes in fixed positions suggest (mostly-ASCII text without a BOM)."""
+    def zeros(offset: int, step: int) -> float:
+        column = head[offset:len(head) - len(head) % step:step]
+        return column.count(0) / len(column) if column else 0.0
+
+    layouts = (("UTF-32-LE", 4, (1, 2, 3), 0), ("UTF-32-BE", 4, (0, 1, 2), 3),
+               ("UTF-16-LE", 2, (1,), 0), ("UTF-16-BE", 2, (0,), 1))
+    for name, step, empty, full in layouts:
+        if len(head) >= 4 * step and all(zeros(o, step) > 0.9 for o in empty) and zeros(full, step) < 0.1:
+            return name
+    return None
 
 
 def _kind(path: Path, fmt: str) -> str:
@@ -115,7 +157,7 @@ def iter_documents(
 ) -> Iterator[Document]:
     """Yield every non-empty Document of the corpus, file by file, in a stable order."""
     stats = stats if stats is not None else CorpusStats()
-    for path in resolve_corpus_files(patterns):
+    for path in resolve_corpus_files(patterns, stats):
         yield from _iter_file(path, fmt, text_field, txt_documents, encoding_errors, stats)
 
 
@@ -126,24 +168,45 @@ def _skip(stats: CorpusStats, path: Path, why: str) -> None:
 
 def _iter_file(path: Path, fmt: str, text_field: str, txt_documents: str, encoding_errors: str,
                stats: CorpusStats) -> Iterator[Document]:
+    documents_before, skipped_before = stats.documents, len(stats.skipped_files)
     try:
-        kind = _kind(path, fmt)
-        if kind == "parquet":
-            yield from _iter_parquet(path, text_field, stats)
-            return
-        if _looks_binary(path):
-            _skip(stats, path, "binary file")
-            return
-        with _open_binary(path) as raw:
-            data = raw.read() if kind == "txt" and txt_documents == "file" else None
-            if data is not None:
-                yield from _txt_whole(path, data, encoding_errors, stats)
-                return
-            yield from _iter_lines(path, raw, kind, text_field, txt_documents, encoding_errors, stats)
+        yield from _read_file(path, fmt, text_field, txt_documents, encoding_errors, stats)
     except (OSError, EOFError, lzma.LZMAError) as exc:
         _skip(stats, path, f"unreadable: {exc}")
     finally:
         stats.files += 1
+    # reached only when the file was read to its end (not when the reader stopped early)
+    if stats.documents == documents_before and len(stats.skipped_files) == skipped_before:
+        _skip(stats, path, "empty: no text in it")
+
+
+def _read_file(path: Path, fmt: str, text_field: str, txt_documents: str, encoding_errors: str,
+               stats: CorpusStats) -> Iterator[Document]:
+    kind = _kind(path, fmt)
+    if kind == "parquet":
+        yield from _iter_parquet(path, text_field, stats)
+        return
+    head = _head(path)
+    encoding = _bom_encoding(head) or "utf-8"
+    if encoding == "utf-8" and b"\x00" in head:
+        likely = _likely_encoding(head)
+        _skip(stats, path, "binary file" if likely is None else
+              f"binary file; it looks like {likely} text without a byte-order mark: convert it to UTF-8, "
+              f"e.g. iconv -f {likely.replace('-LE', 'LE').replace('-BE', 'BE')} -t UTF-8")
+        return
+    with _open_binary(path) as raw:
+        if kind == "txt" and txt_documents == "file":
+            yield from _txt_whole(path, raw.read(), encoding, encoding_errors, stats)
+            return
+        if encoding in ("utf-16", "utf-32"):  # lines cannot be cut on b"\n" here: decode the whole file
+            text, replaced = _decode(raw.read(), encoding, encoding_errors)
+            if text is None:
+                _skip(stats, path, f"not valid {encoding.upper()} (data.encoding_errors=skip)")
+                return
+            lines = ((n, line, replaced) for n, line in enumerate(io.StringIO(text, newline="\n"), start=1))
+        else:
+            lines = _utf8_lines(raw, encoding_errors)
+        yield from _iter_lines(path, lines, kind, text_field, txt_documents, stats)
 
 
 def _iter_parquet(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -170,13 +233,21 @@ def _iter_parquet(path: Path, column: str, stats: CorpusStats) -> Iterator[Docum
         _skip(stats, path, f"not a readable parquet file: {exc}")
 
 
-def _decode(data: bytes, encoding_errors: str) -> tuple[str | None, bool]:
+def _decode(data: bytes, encoding: str, encoding_errors: str) -> tuple[str | None, bool]:
     try:
-        return data.decode("utf-8"), False
+        return data.decode(encoding), False
     except UnicodeDecodeError:
         if encoding_errors == "skip":
             return None, True
-        return data.decode("utf-8", errors="replace"), True
+        return data.decode(encoding, errors="replace"), True
+
+
+def _utf8_lines(raw: IO[bytes], encoding_errors: str) -> Iterator[tuple[int, str | None, bool]]:
+    """(line number, text or None when undecodable and skipped, whether bytes were replaced) per line."""
+    for lineno, line_bytes in enumerate(raw, start=1):
+        if lineno == 1 and line_bytes.startswith(codecs.BOM_UTF8):
+            line_bytes = line_bytes[len(codecs.BOM_UTF8):]
+        yield (lineno, *_decode(line_bytes, "utf-8", encoding_errors))
 
 
 def _emit(text: str, source: str, stats: CorpusStats) -> Iterator[Document]:
@@ -188,22 +259,21 @@ def _emit(text: str, source: str, stats: CorpusStats) -> Iterator[Document]:
     yield Document(text, source)
 
 
-def _txt_whole(path: Path, data: bytes, encoding_errors: str, stats: CorpusStats) -> Iterator[Document]:
-    text, replaced = _decode(data, encoding_errors)
+def _txt_whole(path: Path, data: bytes, encoding: str, encoding_errors: str, stats: CorpusStats) -> Iterator[Document]:
+    text, replaced = _decode(data, encoding, encoding_errors)
     if text is None:
-        _skip(stats, path, "not valid UTF-8 (data.encoding_errors=skip)")
+        _skip(stats, path, f"not valid {encoding.removesuffix('-sig').upper()} (data.encoding_errors=skip)")
         return
     stats.files_with_replaced_bytes += int(replaced)
     yield from _emit(text, str(path), stats)
 
 
-def _iter_lines(path: Path, raw: IO[bytes], kind: str, text_field: str, txt_documents: str,
-                encoding_errors: str, stats: CorpusStats) -> Iterator[Document]:
+def _iter_lines(path: Path, lines: Iterator[tuple[int, str | None, bool]], kind: str, text_field: str,
+                txt_documents: str, stats: CorpusStats) -> Iterator[Document]:
     paragraph: list[str] = []
     paragraph_start = 1
     replaced_any = False
-    for lineno, line_bytes in enumerate(raw, start=1):
-        line, replaced = _decode(line_bytes, encoding_errors)
+    for lineno, line, replaced in lines:
         if line is None:
             print(f"warning: {path}:{lineno}: not valid UTF-8, line skipped", file=sys.stderr)
             replaced_any = True

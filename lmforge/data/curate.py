@@ -18,6 +18,7 @@ markers), filtered/, dedup/, output/ (the cleaned documents, one JSONL file per 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -46,17 +47,32 @@ FILTERS = {
 
 @dataclass
 class Curated:
-    files: list[Path]  # cleaned documents: JSONL with a "text" field, in order
+    files: list[Path]  # cleaned documents: JSONL with a "text" field, in order (chunks left empty are not listed)
     corpus: dict  # CorpusStats of the raw input
     steps: list[dict]  # per step: step, documents and bytes after it, removed_documents, removed_bytes
     seconds: float
 
 
+CURATE_LIBRARIES = ("datatrove", "spacy", "orjson")  # what the `curate` extra installs (see pyproject.toml)
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (spaCy alone takes a second)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: its import is blocked
+    return importlib.util.find_spec(module) is not None
+
+
+def require_curation_libraries() -> None:
+    """Refuse, in one line naming the extra, a curation whose libraries are not installed."""
+    missing = [m for m in CURATE_LIBRARIES if not _installed(m)]
+    if missing:
+        raise LmforgeError(f"data.curate needs {', '.join(missing)}, which are not installed: "
+                           f"pip install 'lmforge[curate]'")
+
+
 def _datatrove():
-    try:
-        import datatrove  # noqa: F401
-    except ImportError:
-        raise LmforgeError("data.curate needs datatrove: pip install 'datatrove[processing]' orjson spacy") from None
+    require_curation_libraries()
     from datatrove.pipeline.base import PipelineStep
 
     return PipelineStep
@@ -178,8 +194,9 @@ def curate(config: DataConfig, workdir: Path, workers: int, progress: bool = Tru
     tallies = _stage_tally(workdir / "logs" / "clean", n)
     if later:
         tallies.append(_stage_tally(workdir / "logs" / "dedup", n)[-1])
-    return Curated([output / f"{rank:05d}.jsonl" for rank in range(n)], corpus, _removed(tallies),
-                   round(time.time() - started, 2))
+    # a chunk that lost every document is left out: the corpus reader would call it an empty input file
+    kept = [path for path in (output / f"{rank:05d}.jsonl" for rank in range(n)) if path.stat().st_size]
+    return Curated(kept, corpus, _removed(tallies), round(time.time() - started, 2))
 
 
 def _make_filter(name: str, language: str):

@@ -20,6 +20,7 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from lmforge.errors import LmforgeError
+from lmforge.fileio import sha256_file, write_atomic  # noqa: F401 (re-used by prepare)
 
 FORMAT = "lmforge-token-store"
 VERSION = 1
@@ -27,24 +28,6 @@ VERSION = 1
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes to `path` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class SplitWriter:
@@ -211,6 +194,20 @@ class SplitReader:
             need -= len(piece)
             shard, pos = shard + 1, 0
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Tokens at these global offsets (an array of any shape), as int64: one gather per shard."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.num_tokens):
+            raise IndexError(f"offsets outside a split of {self.num_tokens} tokens")
+        if len(self.shards) == 1:
+            return np.asarray(self.shards[0])[positions].astype(np.int64)
+        tokens = np.empty(positions.shape, dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets, positions, side="right") - 1
+        for shard in np.unique(shard_of):
+            here = shard_of == shard
+            tokens[here] = np.asarray(self.shards[shard])[positions[here] - self.offsets[shard]]
+        return tokens
 
 
 class TokenStore:

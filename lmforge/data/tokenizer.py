@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import sys
+from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.config import TokenizerConfig
 from lmforge.errors import LmforgeError
@@ -16,8 +19,10 @@ UNK = "<unk>"
 PAD, BERT_UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # Special tokens by model family, in id order. gpt: EOS ends every document in a causal-LM stream.
 # bert: BERT's five, with [PAD] = 0 as transformers' BERT expects.
-SPECIAL_TOKENS = {"gpt": [EOS], "bert": [PAD, BERT_UNK, CLS, SEP, MASK]}
-UNK_TOKEN = {"gpt": UNK, "bert": BERT_UNK}
+# t5: <pad> = 0, </s> = 1, <unk> = 2 as T5's, and T5_SENTINELS <extra_id_i> at the end of the vocabulary.
+T5_PAD, T5_EOS, T5_SENTINELS, SENTINEL = "<pad>", "</s>", 100, "<extra_id_{}>"
+SPECIAL_TOKENS = {"gpt": [EOS], "bert": [PAD, BERT_UNK, CLS, SEP, MASK], "t5": [T5_PAD, T5_EOS, UNK]}
+UNK_TOKEN = {"gpt": UNK, "bert": BERT_UNK, "t5": UNK}
 
 
 def _take_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -38,6 +43,8 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, family: str =
         raise LmforgeError(f"no tokenizer recipe for model family {family!r} (known: {', '.join(SPECIAL_TOKENS)})")
     specials = SPECIAL_TOKENS[family]
     sample = _take_bytes(texts, config.train_max_bytes)
+    if family == "t5":  # the sentinels are part of the requested vocabulary size, as in T5's 32,000 + 100
+        config = dataclasses.replace(config, vocab_size=max(config.vocab_size - T5_SENTINELS, len(specials) + 1))
     if config.kind == "char":
         tokenizer = _train_char(sample, specials, UNK_TOKEN[family])
     elif config.kind == "wordpiece":
@@ -74,6 +81,8 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, family: str =
         raise LmforgeError("cannot train a tokenizer: the corpus has no text")
     if family == "bert":
         add_bert_template(tokenizer)
+    if family == "t5":
+        add_t5_sentinels_and_template(tokenizer)
     return tokenizer
 
 
@@ -86,6 +95,15 @@ def add_bert_template(tokenizer: Tokenizer) -> None:
     cls, sep = tokenizer.token_to_id(CLS), tokenizer.token_to_id(SEP)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)])
+
+
+def add_t5_sentinels_and_template(tokenizer: Tokenizer, num_sentinels: int = T5_SENTINELS) -> None:
+    """Append <extra_id_{n-1}> ... <extra_id_0> so that <extra_id_0> is the highest id (T5's order), and
+    end every encoded text with </s> as T5's tokenizer does."""
+    tokenizer.add_special_tokens([SENTINEL.format(i) for i in reversed(range(num_sentinels))])
+    eos = tokenizer.token_to_id(T5_EOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, eos)])
 
 
 def _train_char(texts: Iterable[str], specials: list[str], unk: str) -> Tokenizer:
@@ -130,3 +148,28 @@ def eos_id(tokenizer: Tokenizer) -> int:
     if token_id is None:
         raise LmforgeError(f"the tokenizer has no {EOS} token, which a causal LM needs to separate documents")
     return token_id
+
+
+def warn_unknown(tokenizer: Tokenizer, texts: Sequence[Union[str, tuple[str, Optional[str]]]],
+                 encodings: Sequence[Encoding], what: str) -> int:
+    """Say once, on stderr, how many characters of `texts` (single texts or pairs) became the unknown token.
+
+    A char-level vocabulary holds only the characters seen in training; any other becomes <unk>, which the
+    model never learned and decoding drops, so without this the input would lose it silently. Returns the count.
+    """
+    unk = next((t for t in (UNK, BERT_UNK) if tokenizer.token_to_id(t) is not None), None)
+    if unk is None:  # byte-level BPE has no unknown token: it encodes any text
+        return 0
+    unk_id, pieces = tokenizer.token_to_id(unk), Counter()
+    for text, encoding in zip(texts, encodings):
+        parts = text if isinstance(text, tuple) else (text,)
+        for token_id, sequence, (start, end) in zip(encoding.ids, encoding.sequence_ids, encoding.offsets):
+            if token_id == unk_id and sequence is not None:
+                pieces[parts[sequence][start:end]] += 1
+    count = sum(len(piece) * n for piece, n in pieces.items())
+    if count:
+        shown = ", ".join(f"{piece!r}" + (f" x{n}" if n > 1 else "") for piece, n in pieces.most_common(20))
+        more = f" and {len(pieces) - 20} more" if len(pieces) > 20 else ""
+        print(f"warning: {count} characters of {what} are not in the tokenizer's vocabulary and became {unk}: "
+              f"{shown}{more}", file=sys.stderr)
+    return count

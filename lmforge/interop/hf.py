@@ -1,9 +1,12 @@
 """Weight layouts and configs shared with Hugging Face `transformers`: our names and shapes <-> theirs.
 
-GPT <-> GPT2LMHeadModel: one to one, except that GPT-2 keeps its linear maps in Conv1D modules,
-whose weights are (in, out), the transpose of torch's Linear. BERT <-> BertForPreTraining: our
+GPT (gpt2 layout) <-> GPT2LMHeadModel: one to one, except that GPT-2 keeps its linear maps in Conv1D
+modules, whose weights are (in, out), the transpose of torch's Linear. BERT <-> BertForPreTraining: our
 attention keeps Q, K and V in one fused matrix (one matmul); theirs are three, so export splits and
-import concatenates. Pure functions on state dicts and config dicts; files are hf_export / hf_import's.
+import concatenates. GPT (llama layout) <-> LlamaForCausalLM: the same split for Q, K, V (of unequal
+sizes under grouped-query attention) and for SwiGLU's fused gate and up projections. Our rotary
+embedding rotates the pairs (i, i + head_dim / 2) as transformers' Llama does, so Q and K need no
+permutation. Pure functions on state dicts and config dicts; files are hf_export / hf_import's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ class Mapped:
     theirs: tuple[str, ...]  # several: ours is theirs concatenated along dim 0 (the fused Q, K, V)
     transpose: bool = False  # GPT-2's Conv1D stores (in, out)
     part: str = "body"  # body, or the optional part it belongs to: pooler, mlm head, nsp head
+    sizes: Optional[tuple[int, ...]] = None  # rows of each of theirs in ours; None = equal parts
+
+    def split(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Our tensor cut into theirs (before any transpose)."""
+        return tensor.split(list(self.sizes)) if self.sizes else tensor.chunk(len(self.theirs), dim=0)
+
+    def their_shapes(self, ours: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shape of each of theirs, given the shape of ours."""
+        rows = self.sizes or (ours[0] // len(self.theirs),) * len(self.theirs)
+        return [(n, *ours[1:])[::-1] if self.transpose else (n, *ours[1:]) for n in rows]
 
 
 def _affine(ours: str, theirs: str, transpose: bool = False, part: str = "body") -> list[Mapped]:
@@ -73,17 +86,50 @@ def bert_layout(n_layer: int) -> list[Mapped]:
             *_affine("nsp.out", "cls.seq_relationship", part="nsp head")]
 
 
+def llama_layout(config: ModelConfig) -> list[Mapped]:
+    """Our GPT in the llama layout <-> LlamaForCausalLM. A tied LM head is not listed (it is wte)."""
+    q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    out = [Mapped("wte.weight", ("model.embed_tokens.weight",))]
+    for i in range(config.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        out += [Mapped(f"{ours}ln_1.weight", (f"{theirs}input_layernorm.weight",)),
+                Mapped(f"{ours}ln_2.weight", (f"{theirs}post_attention_layernorm.weight",))]
+        for kind in kinds:
+            out += [Mapped(f"{ours}attn.qkv.{kind}", tuple(f"{theirs}self_attn.{n}_proj.{kind}" for n in "qkv"),
+                           sizes=(q, kv, kv)),
+                    Mapped(f"{ours}attn.proj.{kind}", (f"{theirs}self_attn.o_proj.{kind}",)),
+                    Mapped(f"{ours}mlp.fc.{kind}", (f"{theirs}mlp.gate_proj.{kind}", f"{theirs}mlp.up_proj.{kind}")),
+                    Mapped(f"{ours}mlp.proj.{kind}", (f"{theirs}mlp.down_proj.{kind}",))]
+    out.append(Mapped("ln_f.weight", ("model.norm.weight",)))
+    if not config.tie_embeddings:
+        out.append(Mapped("lm_head.weight", ("lm_head.weight",)))
+    return out
+
+
 def layout(config: ModelConfig) -> list[Mapped]:
-    return gpt_layout(config.n_layer) if config.family == "gpt" else bert_layout(config.n_layer)
+    if config.family == "gpt":
+        return llama_layout(config) if config.layout == "llama" else gpt_layout(config.n_layer)
+    return bert_layout(config.n_layer)
 
 
-POSITIONS = {"gpt": "wpe.weight", "bert": "bert.wpe.weight"}  # our position-embedding table, (block_size, d_model)
+def position_table(config: ModelConfig) -> Optional[str]:
+    """Our learned position-embedding table, (block_size, d_model); None for rotary positions."""
+    if config.layout == "llama":
+        return None
+    return "wpe.weight" if config.family == "gpt" else "bert.wpe.weight"
 
 
-# Tensors transformers may store twice (tied): the copy -> the tensor it must equal.
-TIED = {"gpt": {"lm_head.weight": "transformer.wte.weight"},
-        "bert": {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-                 "cls.predictions.decoder.bias": "cls.predictions.bias"}}
+def tied_copies(config: ModelConfig) -> dict[str, str]:
+    """Tensors transformers may store twice (tied): the copy -> the tensor it must equal."""
+    if config.family == "bert":
+        return {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.bias": "cls.predictions.bias"}
+    if config.layout == "llama":
+        return {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_embeddings else {}
+    return {"lm_head.weight": "transformer.wte.weight"}
+
+
 # Stored by some transformers versions, recomputed by all: the causal mask of old GPT-2 files, position ids.
 IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids)$")
 
@@ -98,6 +144,9 @@ def _check_exportable(config: ModelConfig) -> None:
                            "only post-LN (the original layout) exports")
     if config.family not in ("gpt", "bert"):
         raise LmforgeError(f"no transformers layout for model.family={config.family} (exportable: gpt, bert)")
+    if config.qk_norm:
+        raise LmforgeError("model.qk_norm=true has no LlamaForCausalLM equivalent (Llama does not normalise "
+                           "queries and keys); only runs with qk_norm=false export")
 
 
 def _activation_name(config: ModelConfig) -> str:
@@ -115,6 +164,23 @@ def gpt_hf_config(config: ModelConfig, eos_token_id: Optional[int] = None) -> di
         "activation_function": _activation_name(config), "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "layer_norm_epsilon": config.layer_norm_eps,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True,
+        "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+    }
+
+
+def llama_hf_config(config: ModelConfig, eos_token_id: Optional[int] = None) -> dict[str, Any]:
+    """transformers LlamaConfig fields for our gpt ModelConfig in the llama layout."""
+    _check_exportable(config)
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model, "intermediate_size": config.ffn_size, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": config.block_size, "rms_norm_eps": config.layer_norm_eps,
+        "attention_bias": config.bias, "mlp_bias": config.bias, "attention_dropout": config.dropout,
+        "tie_word_embeddings": config.tie_embeddings, "pretraining_tp": 1,
+        # transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling
+        "rope_parameters": rope, "rope_theta": config.rope_theta, "rope_scaling": None,
         "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
     }
 
@@ -146,7 +212,7 @@ def _ours_to_theirs(state: dict[str, torch.Tensor], entries: list[Mapped]) -> di
             tensor = weight.new_zeros(weight.shape[0])
         elif tensor is None:
             raise KeyError(entry.ours)  # a bug: the layout does not match the model
-        for name, part in zip(entry.theirs, tensor.chunk(len(entry.theirs), dim=0)):
+        for name, part in zip(entry.theirs, entry.split(tensor)):
             out[name] = (part.t() if entry.transpose else part).contiguous()
     return out
 
@@ -184,7 +250,8 @@ def bert_classifier_to_hf(config: ModelConfig, state: dict[str, torch.Tensor], l
 # ---------------------------------------------------------------------------------------------
 # Import: transformers -> ours
 
-SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "bert": ("BertForPreTraining", "BertForMaskedLM", "BertModel")}
+SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "bert": ("BertForPreTraining", "BertForMaskedLM", "BertModel"),
+             "llama": ("LlamaForCausalLM",)}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -248,6 +315,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             mlp_ratio=_mlp_ratio(inner, width, "n_inner"), dropout=float(hf.get("resid_pdrop", 0.1)),
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), norm="pre",
             activation=_activation(hf.get("activation_function", "gelu_new"), "activation_function"))
+    elif model_type == "llama":
+        config = _llama_config_from_hf(hf)
     else:
         _refuse(hf, "position_embedding_type", "absolute", "relative position embeddings")
         _refuse(hf, "is_decoder", False, "a causal (decoder) BERT")
@@ -268,9 +337,46 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return config
 
 
-def _with_full_names(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """A base model's names (GPT2Model, BertModel: no `transformer.` / `bert.` prefix) -> the full model's."""
-    prefix = "transformer." if family == "gpt" else "bert."
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """The rotary base of a Llama config.json (transformers 5: rope_parameters; 4.x: rope_theta), refusing
+    scaled rotary variants."""
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise LmforgeError(f"config.json rope type {kind!r}: scaled rotary embeddings have no lmforge "
+                           f"equivalent (supported: 'default')")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    _refuse(hf, "hidden_act", "silu", "a gated feed-forward with another activation")
+    _refuse(hf, "pretraining_tp", 1, "tensor-parallel slicing of the projections")
+    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        raise LmforgeError(f"config.json attention_bias={hf.get('attention_bias')} and mlp_bias="
+                           f"{hf.get('mlp_bias')} differ; lmforge's model.bias sets both")
+    width, heads = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
+    if hf.get("head_dim") not in (None, width // heads):
+        raise LmforgeError(f"config.json head_dim={hf['head_dim']} is not hidden_size / num_attention_heads "
+                           f"({width // heads}); lmforge's heads split d_model evenly")
+    return ModelConfig(
+        family="gpt", layout="llama", n_layer=_required(hf, "num_hidden_layers"), n_head=heads, d_model=width,
+        n_kv_head=hf.get("num_key_value_heads") or heads, block_size=_required(hf, "max_position_embeddings"),
+        vocab_size=_required(hf, "vocab_size"), ffn_hidden=_required(hf, "intermediate_size"),
+        dropout=float(hf.get("attention_dropout", 0.0)), bias=bool(hf.get("attention_bias", False)),
+        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm="pre",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf))
+
+
+def _base_prefix(config: ModelConfig) -> str:
+    """The prefix of the base model's tensors inside transformers' full model."""
+    if config.family == "bert":
+        return "bert."
+    return "model." if config.layout == "llama" else "transformer."
+
+
+def _with_full_names(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A base model's names (GPT2Model, BertModel: without `prefix`) -> the full model's."""
     if any(k.startswith(prefix) for k in state):
         return dict(state)
     return {k if k.startswith(("cls.", "lm_head.")) else prefix + k: v for k, v in state.items()}
@@ -293,8 +399,8 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
     shapes: our tensors' shapes as config.json implies them (those of the model to be loaded).
     Heads the checkpoint lacks (a BertModel has no MLM / NSP head, a BertForMaskedLM no pooler or NSP
     head) are reported in missing_parts, not filled."""
-    state = _with_full_names(state, config.family)
-    for copy, source in TIED[config.family].items():
+    state = _with_full_names(state, _base_prefix(config))
+    for copy, source in tied_copies(config).items():
         if copy not in state:
             continue
         if source not in state:
@@ -314,11 +420,9 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
             elif entry.part not in missing_parts:
                 missing_parts.append(entry.part)
             continue
-        ours_shape = tuple(shapes[entry.ours])
-        part_shape = (ours_shape[0] // len(entry.theirs), *ours_shape[1:])
-        their_shape = part_shape[::-1] if entry.transpose else part_shape
-        bad = [f"{name} is {tuple(state[name].shape)}, config.json implies {their_shape}"
-               for name in entry.theirs if tuple(state[name].shape) != their_shape]
+        their_shapes = entry.their_shapes(tuple(shapes[entry.ours]))
+        bad = [f"{name} is {tuple(state[name].shape)}, config.json implies {shape}"
+               for name, shape in zip(entry.theirs, their_shapes) if tuple(state[name].shape) != shape]
         used.update(entry.theirs)
         if bad:
             wrong += bad
@@ -337,7 +441,7 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
 def bert_state_from_hf(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
     """transformers BERT state dict (BertForPreTraining, or a bare BertModel without heads) -> ours,
     without checks against a config; missing heads are left out."""
-    state = _with_full_names(state, "bert")
+    state = _with_full_names(state, "bert.")
     out = {}
     for entry in bert_layout(n_layer):
         if all(name in state for name in entry.theirs):

@@ -1,9 +1,10 @@
 """`lmforge export RUN --to hf OUT`: a run's checkpoint as a transformers model directory.
 
-GPT runs -> GPT2LMHeadModel, BERT runs -> BertForPreTraining (which BertForMaskedLM and
-BertForSequenceClassification also load), fine-tuned BERT classifiers -> BertForSequenceClassification
-with their label names; each with config.json, model.safetensors and the tokenizer files, GPT models
-also with generation_config.json. Nothing here needs transformers installed.
+GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout), BERT runs ->
+BertForPreTraining (which BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT
+classifiers -> BertForSequenceClassification with their label names; each with config.json,
+model.safetensors and the tokenizer files, GPT models also with generation_config.json. Nothing here
+needs transformers installed.
 """
 
 from __future__ import annotations
@@ -18,15 +19,24 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import EOS, PAD
-from lmforge.atomic_dir import building_directory
+from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import bert_classifier_to_hf, bert_hf_config, gpt_hf_config, state_to_hf
+from lmforge.interop.hf import bert_classifier_to_hf, bert_hf_config, gpt_hf_config, llama_hf_config, state_to_hf
 from lmforge.interop.hf_tokenizer import write_tokenizer_files
 from lmforge.model.config import ModelConfig
 
-ARCHITECTURE = {"gpt": "GPT2LMHeadModel", "bert": "BertForPreTraining"}
-AUTO_CLASS = {"GPT2LMHeadModel": "AutoModelForCausalLM", "BertForPreTraining": "AutoModelForPreTraining",
+AUTO_CLASS = {"GPT2LMHeadModel": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
+              "BertForPreTraining": "AutoModelForPreTraining",
               "BertForSequenceClassification": "AutoModelForSequenceClassification"}
+
+
+def architecture(config: ModelConfig) -> str:
+    """The transformers class a pretraining model of this config exports as."""
+    if config.family == "bert":
+        return "BertForPreTraining"
+    if config.family == "gpt":
+        return "LlamaForCausalLM" if config.layout == "llama" else "GPT2LMHeadModel"
+    raise LmforgeError(f"no transformers export for model.family={config.family} (exportable: gpt, bert)")
 
 
 @dataclass
@@ -61,13 +71,13 @@ def write_hf_dir(out: Path, hf_config: dict[str, Any], hf_state: dict[str, torch
 
 
 def export_model(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer, out: Path) -> list[str]:
-    """Our pretraining model (GPT or BERT) -> a GPT2LMHeadModel / BertForPreTraining directory."""
+    """Our pretraining model (GPT or BERT) -> a GPT2LMHeadModel / LlamaForCausalLM / BertForPreTraining directory."""
     if config.family == "gpt":
         eos = tokenizer.token_to_id(EOS)
         if eos is None:
-            raise LmforgeError(f"the run's tokenizer has no {EOS} token, which GPT-2's config names as its "
+            raise LmforgeError(f"the run's tokenizer has no {EOS} token, which the exported config names as its "
                                f"begin/end of text")
-        hf_config = gpt_hf_config(config, eos)
+        hf_config = (llama_hf_config if config.layout == "llama" else gpt_hf_config)(config, eos)
         generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
     else:
         hf_config, generation = bert_hf_config(config, pad_token_id=tokenizer.token_to_id(PAD) or 0), None
@@ -101,7 +111,7 @@ def export_run(run_dir: Path, out: Path, checkpoint: Optional[str] = None) -> Ex
         config, task = tuned.config.model, tuned.config.task
         if task.kind == "generation":
             files = export_model(config, tuned.model.state_dict(), tuned.tokenizer, out)
-            return Exported(out, ARCHITECTURE[config.family], tuned.checkpoint.path.name, files)
+            return Exported(out, architecture(config), tuned.checkpoint.path.name, files)
         if config.family == "bert" and tuned.model.pooling != "cls":
             # BertForSequenceClassification classifies the pooled [CLS] vector only.
             raise LmforgeError(f"{run_dir} was fine-tuned with finetune.pooling={tuned.config.finetune.pooling}; "
@@ -110,8 +120,6 @@ def export_run(run_dir: Path, out: Path, checkpoint: Optional[str] = None) -> Ex
         files = export_classifier(config, tuned.model.state_dict(), labels, tuned.tokenizer, out)
         return Exported(out, "BertForSequenceClassification", tuned.checkpoint.path.name, files)
     run = load_run(run_dir, checkpoint)
-    if run.config.model.family not in ARCHITECTURE:
-        raise LmforgeError(f"no transformers export for model.family={run.config.model.family} "
-                           f"(exportable: {', '.join(ARCHITECTURE)})")
+    name = architecture(run.config.model)
     files = export_model(run.config.model, run.model.state_dict(), run.tokenizer, out)
-    return Exported(out, ARCHITECTURE[run.config.model.family], run.checkpoint.path.name, files)
+    return Exported(out, name, run.checkpoint.path.name, files)

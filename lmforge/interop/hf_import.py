@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
-from lmforge.atomic_dir import building_directory
+from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import POSITIONS, architecture_of, config_from_hf, state_from_hf
+from lmforge.interop.hf import architecture_of, config_from_hf, position_table, state_from_hf
 from lmforge.interop.hf_tokenizer import read_json, read_hf_tokenizer
 from lmforge.model.config import ModelConfig
 
@@ -115,10 +115,10 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     recipe: the YAML recipe whose data / train / mlm sections the run uses (default: the built-in one);
     overrides: --set values, e.g. data.corpus=... or model.block_size=128."""
     from lmforge.model import build_model
-    from lmforge.run import CONFIG_FILE, TOKENIZER_FILE
-    from lmforge.train.checkpoint import rng_state, save_checkpoint
+    from lmforge.train.checkpoint import TrainerState, save_checkpoint
     from lmforge.train.optim import build_optimizer
-    from lmforge.train.checkpoint import seed_everything
+    from lmforge.train.rng import rng_state, seed_everything
+    from lmforge.train.rundir import CONFIG_FILE, TOKENIZER_FILE, RunDir
 
     if not directory.is_dir():
         raise LmforgeError(f"not a directory: {directory}")
@@ -143,10 +143,11 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     seed_everything(config.train.seed)  # what a new run does first: the initialised heads are reproducible
     model = build_model(config.model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    position = POSITIONS[source_model.family]
-    shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
+    position = position_table(source_model)
+    if position is not None:
+        shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
     imported = state_from_hf(hf_state, source_model, shapes)
-    if config.model.block_size < source_model.block_size:
+    if position is not None and config.model.block_size < source_model.block_size:
         imported.state[position] = imported.state[position][: config.model.block_size].clone()
         notes.append(f"position embeddings cut to the first {config.model.block_size} of {source_model.block_size}")
     model.load_state_dict(imported.state, strict=False)
@@ -155,13 +156,12 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     with building_directory(out, "import") as tmp:
         dump_config(config, tmp / CONFIG_FILE)
         tokenizer.save(str(tmp / TOKENIZER_FILE))
-        save_checkpoint(tmp / "checkpoints", 0, model, optimizer, {
-            "tokens_seen": 0, "bad_steps_total": 0,
-            "loader": {"samples": 0, "seed": config.train.seed},  # a loader at its start (see data/loader.py)
-            "rng": rng_state(), "config": config.to_dict(),
-            "imported_from": {"path": str(directory.resolve()), "architecture": architecture,
-                              "weights": weights_file, "initialised": imported.missing_parts, "notes": notes},
-        })
+        # a loader at its start (see data/loader.py)
+        save_checkpoint(tmp / "checkpoints", model, optimizer, TrainerState(
+            loader={"samples": 0, "seed": config.train.seed}, rng=rng_state(), config=config.to_dict()))
+        RunDir(tmp).write_record("import", None, imported_from={
+            "path": str(directory.resolve()), "architecture": architecture, "weights": weights_file,
+            "initialised": imported.missing_parts, "notes": notes})
     return Imported(out, architecture, config, model.num_parameters(exclude_embeddings=False),
                     imported.missing_parts, notes)
 
@@ -169,7 +169,8 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
 def describe(result: Imported) -> str:
     """What was imported, what was initialised, and how to go on: lines for the user."""
     c = result.config.model
-    lines = [f"imported {result.architecture} ({c.n_layer} layers, {c.d_model} wide, {c.n_head} heads, "
+    heads = f"{c.n_head} heads" + (f" sharing {c.kv_heads} key/value heads" if c.kv_heads != c.n_head else "")
+    lines = [f"imported {result.architecture} ({c.n_layer} layers, {c.d_model} wide, {heads}, "
              f"vocab {c.vocab_size:,}, {result.parameters / 1e6:.2f}M parameters) -> {result.out}"]
     lines += [f"  note: {n}" for n in result.notes]
     if result.initialised:

@@ -16,8 +16,8 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.processors import TemplateProcessing
 
-from lmforge.data.tokenizer import EOS, PAD, eos_id
-from lmforge.model.transformer import IGNORE_INDEX
+from lmforge.data.tokenizer import EOS, PAD, eos_id, warn_unknown
+from lmforge.model import IGNORE_INDEX
 from lmforge.tasks.datasets import Example
 
 
@@ -49,6 +49,7 @@ def encode_examples(tokenizer: Tokenizer, examples: Sequence[Example]) -> list[E
     """Classification / regression inputs, through a task_tokenizer."""
     inputs = [(e.text, e.text_pair) if e.text_pair is not None else e.text for e in examples]
     encodings = tokenizer.encode_batch(inputs) if inputs else []
+    warn_unknown(tokenizer, inputs, encodings, _described(examples))
     return [Encoded(enc.ids, enc.type_ids, e.label) for enc, e in zip(encodings, examples)]
 
 
@@ -60,6 +61,8 @@ def encode_generation(tokenizer: Tokenizer, examples: Sequence[Example], max_len
     eos = eos_id(tokenizer)
     prompts = tokenizer.encode_batch([e.text for e in examples], add_special_tokens=False)
     responses = tokenizer.encode_batch([str(e.label) for e in examples], add_special_tokens=False)
+    warn_unknown(tokenizer, [e.text for e in examples] + [str(e.label) for e in examples], prompts + responses,
+                 _described(examples))
     out = []
     for prompt, response in zip(prompts, responses):
         r = (response.ids + [eos])[: max_length - 1]
@@ -68,6 +71,12 @@ def encode_generation(tokenizer: Tokenizer, examples: Sequence[Example], max_len
         labels = [IGNORE_INDEX] * (len(p) - 1) + r
         out.append(Encoded(sequence[:-1], [0] * (len(sequence) - 1), labels))
     return out
+
+
+def _described(examples: Sequence[Example]) -> str:
+    """'the examples of train.tsv' for a warning: the files the examples came from."""
+    files = dict.fromkeys(e.source.rsplit(":", 1)[0] for e in examples)
+    return f"the examples of {', '.join(files)}"
 
 
 def collate(items: Sequence[Encoded], pad: int, regression: bool = False) -> dict[str, torch.Tensor]:

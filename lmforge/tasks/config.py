@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from lmforge.config import RECIPES_DIR, ParallelConfig, apply_overrides, from_dict, read_yaml
+from lmforge.config import RECIPES_DIR, ParallelConfig, apply_overrides, check_seed, from_dict, read_yaml
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
 from lmforge.tasks.metrics import KIND_METRICS, check_metric_names, selection_metric
@@ -141,15 +141,9 @@ class TaskConfig:
         if self.kind == "tokens":
             if self.word_column == self.tag_column:
                 raise LmforgeError(f"{prefix}.word_column and {prefix}.tag_column are both {self.word_column}")
-            if self.labels is not None:
-                from lmforge.tasks.tagging import check_scheme  # here, as tagging imports this module
-
-                if len(set(self.labels)) != len(self.labels):
-                    raise LmforgeError(f"{prefix}.labels lists a tag twice: {self.labels}")
-                try:
-                    check_scheme(self.labels, self.scheme)
-                except LmforgeError as err:
-                    raise LmforgeError(f"{prefix}.labels: {err}") from None
+            # that every tag fits the scheme is checked with the files (tagging.load_tagging_task)
+            if self.labels is not None and len(set(self.labels)) != len(self.labels):
+                raise LmforgeError(f"{prefix}.labels lists a tag twice: {self.labels}")
         parallel = self.format == "parallel"
         languages = (self.source_language, self.target_language)
         if parallel and None in languages:
@@ -342,6 +336,7 @@ class FinetuneConfig:
     eval_every: int = 0  # steps between dev evaluations (0: once per epoch); always after the last step
     log_every: int = 10
     keep_checkpoints: int = 1  # newest K checkpoints kept besides the best (0: all)
+    max_bad_steps: int = 5  # consecutive non-finite steps (each update skipped) before the run stops
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
@@ -354,7 +349,7 @@ class FinetuneConfig:
             if getattr(self, key) <= 0:
                 raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
         for key in ("steps", "eval_every", "patience", "keep_checkpoints", "weight_decay", "grad_clip",
-                    "generate_tokens", "micro_batch_size"):
+                    "generate_tokens", "micro_batch_size", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
@@ -371,6 +366,7 @@ class FinetuneConfig:
             raise LmforgeError(f"{prefix}.label_fraction must be in (0, 1], got {self.label_fraction}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise LmforgeError(f"{prefix}.device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check_seed(self.seed, f"{prefix}.seed")
         return self
 
 

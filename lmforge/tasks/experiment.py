@@ -14,18 +14,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lmforge.config import apply_overrides, from_dict, read_yaml, resolve_recipe
+from lmforge.config import apply_overrides, check_seed, from_dict, read_yaml, resolve_recipe
 from lmforge.errors import LmforgeError
-from lmforge.run import CONFIG_FILE
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, resolve_task_config
 from lmforge.tasks.datasets import TaskData, load_task
 from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
+from lmforge.train.rundir import CONFIG_FILE
+
+log = logging.getLogger(__name__)
 
 INITS = ("pretrained", "random")
 
@@ -45,6 +48,8 @@ class ExperimentConfig:
             raise LmforgeError(f"fractions must be in (0, 1], got {self.fractions}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise LmforgeError(f"seeds: give one or more distinct seeds, got {self.seeds}")
+        for i, seed in enumerate(self.seeds):
+            check_seed(seed, f"seeds[{i}]")
         self.finetune.validate()
         return self
 
@@ -131,7 +136,7 @@ def _run_cell(pretrained: str | Path, task_name: str, task: TaskData, recipe: Fi
     else:
         cell = plan_finetune(pretrained, task_name, data_root=data_root, finetune=recipe)
     if progress:
-        print(f"[{run_dir.name}]", file=sys.stderr)
+        log.info(f"[{run_dir.name}]")
     result = finetune(cell, run_dir, resume=resume, progress=progress, task=task)
     if result.interrupted_by is not None:
         raise KeyboardInterrupt

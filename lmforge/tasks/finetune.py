@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-import re
-import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,39 +20,35 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
 from lmforge.config import apply_overrides, from_dict, read_yaml
-from lmforge.data.store import write_atomic
-from lmforge.data.tokenizer import eos_id, load_tokenizer
+from lmforge.data.loader import batch_layout
+from lmforge.data.tokenizer import eos_id, load_tokenizer, warn_unknown
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import generate
-from lmforge.model import build_model
-from lmforge.report import plot_run
-from lmforge.run import CONFIG_FILE, TOKENIZER_FILE, load_run_config
+from lmforge.model import IGNORE_INDEX, build_model
+from lmforge.run import load_run_config
 from lmforge.tasks.batches import (Encoded, batch_indices, collate, decode_response, encode_examples,
                                    encode_generation, length_sorted_batches, pad_id, steps_per_epoch,
                                    task_tokenizer)
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, resolve_task_config
 from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
-from lmforge.tasks.metrics import compute_metrics, is_better
-from lmforge.tasks.models import SequenceClassifier, build_task_model, resolve_pooling
-from lmforge.data.loader import batch_layout
-from lmforge.model.transformer import IGNORE_INDEX
-from lmforge.train.checkpoint import (Checkpoint, all_rng_states, derived_seed, find_checkpoint, load_model_weights,
-                                      load_training_state, restore_rng_states, save_checkpoint, seed_everything,
-                                      step_dirs)
+from lmforge.tasks.metrics import compute_metrics
+from lmforge.tasks.models import SequenceClassifier, backbone_of, build_task_model, resolve_pooling
+from lmforge.train.checkpoint import (Checkpoint, TrainerState, find_checkpoint, load_model_weights,
+                                      resume_training_state, step_name)
 from lmforge.train.device import autocast, resolve_device
-from lmforge.train.distributed import (World, all_gather_objects, all_reduce_sum, broadcast_object, check_launch,
-                                       clip_grad_norm, gradient_sync, parallelize, process_group, rank_and_size,
-                                       resolve_rank_device, run_on_main, world_from_env)
-from lmforge.train.metrics import MetricsWriter
-from lmforge.train.trainer import StopRequest
+from lmforge.train.distributed import (World, all_gather_objects, broadcast_object, check_launch, parallelize,
+                                       process_group, rank_and_size, resolve_rank_device, run_on_main, world_from_env)
+from lmforge.train.loop import KeepPolicy, Recipe, resume_note, run_loop
+from lmforge.train.pretrain import take_ownership
+from lmforge.train.rng import derived_seed, restore_rng_states, seed_everything
+from lmforge.train.rundir import CONFIG_FILE, TOKENIZER_FILE, RunDir
 
-BEST_FILE = "best"  # in checkpoints/, beside `latest`: names the checkpoint with the best dev score
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,9 +82,7 @@ def _apply_run_overrides(data: dict[str, Any], overrides: Sequence[str]) -> None
 
 def best_checkpoint(run_dir: Path) -> Checkpoint:
     """A fine-tuned run's best checkpoint on the dev split (else its newest)."""
-    pointer = run_dir / "checkpoints" / BEST_FILE
-    name = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
-    return find_checkpoint(run_dir, name)
+    return find_checkpoint(run_dir, RunDir(run_dir).best_name())
 
 
 def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = (), data_root: Optional[str] = None,
@@ -157,18 +148,10 @@ def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData
 # Optimisation
 
 
-def _depth(name: str, n_layer: int) -> int:
-    """Layer of a backbone parameter: 0 embeddings, 1..n_layer the blocks, n_layer for what sits on top."""
-    match = re.match(r"blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    return 0 if name.split(".")[0] in ("wte", "wpe", "wtt", "ln_emb") else n_layer
-
-
 def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
     """AdamW groups: per layer a peak lr of lr * layer_lr_decay**(L - layer), the head at head_lr;
     weight decay on matrices only. Each group's peak is kept as `peak_lr` for the schedule."""
-    n_layer = model.config.n_layer
+    n_layer, backbone = model.config.n_layer, backbone_of(model)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied parameters appear once
         if not param.requires_grad:
@@ -176,7 +159,9 @@ def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
         if name.startswith("head."):
             lr = ft.head_lr if ft.head_lr is not None else ft.lr
         else:
-            lr = ft.lr * ft.layer_lr_decay ** (n_layer - _depth(name.removeprefix("backbone."), n_layer))
+            # what sits on top of the blocks (final norm, pooler) trains at the top block's lr
+            depth = min(backbone.layer_of(name.removeprefix("backbone.")), n_layer)
+            lr = ft.lr * ft.layer_lr_decay ** (n_layer - depth)
         groups.setdefault((lr, param.dim() >= 2), []).append(param)
     return [{"params": params, "lr": lr, "peak_lr": lr, "weight_decay": ft.weight_decay if decay else 0.0}
             for (lr, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
@@ -318,18 +303,6 @@ def total_steps(ft: FinetuneConfig, num_train: int) -> int:
     return ft.steps if ft.steps > 0 else max(1, math.ceil(ft.epochs * steps_per_epoch(num_train, ft.batch_size)))
 
 
-def _check_new_run_dir(run_dir: Path) -> None:
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise LmforgeError(f"{run_dir} already holds a run; continue it with lmforge finetune --resume {run_dir} "
-                           f"or choose another --out")
-
-
-def _start_run_dir(config: FinetuneRunConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    shutil.copyfile(Path(config.base_run) / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)
-
-
 def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
              task: Optional[TaskData] = None) -> FinetuneResult:
     """Fine-tune (or continue fine-tuning) config's model on its task; writes run_dir. `task`: preloaded data.
@@ -343,8 +316,15 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
     device = resolve_rank_device(ft.device, world)
     batch_layout(ft.batch_size, ft.micro_batch_size, world.size, prefix="finetune")  # refuse bad input before work
     check_launch(config.parallel, config.model, device, world)
-    with process_group(world, device) as mesh:
-        return _finetune(config, run_dir, resume, progress and world.is_main, task, world, device, mesh, started)
+    run = RunDir(run_dir)
+    owner = take_ownership(run, resume) if world.is_main else None
+    try:
+        with process_group(world, device) as mesh:
+            return _finetune(config, run, resume, progress and world.is_main, task, world, device, mesh, started)
+    finally:
+        if owner is not None:
+            owner.release()
+            run.discard_if_unused()
 
 
 def _targets(item: Encoded) -> int:
@@ -358,161 +338,124 @@ def rank_micro_batches(indices: np.ndarray, rank: int, world_size: int, accum: i
     return np.array_split(np.array_split(indices, world_size)[rank], accum)
 
 
-def _finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool, progress: bool, task: Optional[TaskData],
+class FinetuneRecipe(Recipe):
+    """The task's loss over shuffled labeled batches, scored on the dev set; the best dev checkpoint is kept."""
+
+    def __init__(self, config: FinetuneRunConfig, data: Prepared, model: nn.Module, world: World,
+                 device: torch.device, mesh: Any):
+        ft = config.finetune
+        self.ft, self.data, self.world, self.device, self.precision = ft, data, world, device, ft.precision
+        self.kind = data.task.config.kind
+        self.name, self.grad_clip, self.log_every = f"finetune {data.task.name}", ft.grad_clip, ft.log_every
+        self.total_steps = total_steps(ft, len(data.train))
+        self.per_epoch = steps_per_epoch(len(data.train), ft.batch_size)
+        self.eval_every = ft.eval_every or self.per_epoch
+        self.max_bad_steps = ft.max_bad_steps
+        task_config = data.task.config
+        self.keep = KeepPolicy(every=0, keep_last=ft.keep_checkpoints, patience=ft.patience,
+                               score=lambda metrics: selection_score(metrics, task_config))
+        self.micro, self.accum = batch_layout(ft.batch_size, ft.micro_batch_size, world.size, prefix="finetune")
+        self.model = model.to(device)
+        kind = self.kind
+        self.train_model = parallelize(model, lambda m, batch: {"labels": task_loss(m, batch, kind)}, config.parallel,
+                                       mesh, device, ft.precision)
+        self.optimizer = _optimizer(model, ft, device)
+        self.step_examples, self.steps_done = 0, 0
+
+    def set_learning_rate(self, step: int) -> float:
+        self.steps_done = step + 1
+        factor = lr_factor(step, self.total_steps, self.ft.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
+        return self.ft.lr * factor
+
+    def micro_batches(self, step: int) -> list[tuple[dict, dict[str, float]]]:
+        train = self.data.train
+        indices = batch_indices(len(train), self.ft.batch_size, self.ft.seed, step)
+        self.step_examples += len(indices)
+        parts = []
+        for part in rank_micro_batches(indices, self.world.rank, self.world.size, self.accum):
+            count = float(sum(_targets(train[i]) for i in part))
+            if len(part) == 0:  # every process must run as many passes as the others: one that counts 0
+                part = indices[:1]
+            parts.append((collate([train[i] for i in part], self.data.pad, self.kind == "regression"),
+                          {"labels": count}))
+        return parts
+
+    def evaluate(self) -> dict[str, float]:
+        # The processes share the dev set's batches; rank 0's scores decide for all.
+        return broadcast_object(evaluate_task(self.model, self.data.dev, self.data.task, self.data.pad, self.device,
+                                              self.precision))
+
+    def throughput(self, steps: int, seconds: float) -> dict[str, float]:
+        examples, self.step_examples = self.step_examples, 0
+        return {"epoch": self.steps_done / self.per_epoch, "examples_per_s": examples / seconds if seconds > 0 else 0.0}
+
+    def on_evaluated(self, step: int, metrics: dict[str, float], best: bool) -> None:
+        shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items())
+        tqdm.write(f"step {step}: dev {shown}" + ("  (best)" if best else ""))
+
+    def save_state(self, state: TrainerState) -> None:
+        state.total_steps = self.total_steps
+
+
+def _finetune(config: FinetuneRunConfig, run: RunDir, resume: bool, progress: bool, task: Optional[TaskData],
               world: World, device: torch.device, mesh: Any, started: float) -> FinetuneResult:
     ft = config.finetune
+    restart = False
     if not resume:
-        run_on_main(_check_new_run_dir, run_dir)
-    tokenizer = load_tokenizer((run_dir if resume else Path(config.base_run)) / TOKENIZER_FILE)
-    data = prepare_data(config, tokenizer, task)
+        restart = run_on_main(run.check_new, "lmforge finetune --resume")
+    elif not run_on_main(run.has_checkpoint):  # killed before its first checkpoint was whole
+        restart, resume = True, False
+    tokenizer_source = (run.path if resume else Path(config.base_run)) / TOKENIZER_FILE
+    data = prepare_data(config, load_tokenizer(tokenizer_source), task)
     task = data.task
-    kind = task.config.kind
     if task.label_names:  # record the head's class order, so the run predicts without the data
         config.task.labels = task.label_names
-    total = total_steps(ft, len(data.train))
-    eval_every = ft.eval_every or steps_per_epoch(len(data.train), ft.batch_size)
-    micro, accum = batch_layout(ft.batch_size, ft.micro_batch_size, world.size, prefix="finetune")
 
     seed_everything(ft.seed)
-    model = build_task_model(config.model, kind, task.num_outputs, ft.dropout, ft.pooling)
+    model = build_task_model(config.model, task.config.kind, task.num_outputs, ft.dropout, ft.pooling)
     if world.rank > 0:  # dropout masks of its own; rank 0 keeps the stream a single process would have
         seed_everything(derived_seed(ft.seed, world.rank))
-    state: dict[str, Any] = {"best_score": None, "best_step": None, "best": {}, "since_best": 0}
-    step = 0
     if not resume:
+        if progress and restart:
+            log.warning("warning: %s has no complete checkpoint (stopped before its first one was written); "
+                        "starting it over from step 0", run.path)
         if ft.init == "pretrained":
             _initial_weights(config, model, task)
-        run_on_main(_start_run_dir, config, run_dir)  # only now: a task that does not fit leaves nothing behind
-    model.to(device)
-    train_model = parallelize(model, lambda m, batch: task_loss(m, batch, kind), config.parallel, mesh, device,
-                              ft.precision)
-    optimizer = _optimizer(model, ft, device)
+        if world.is_main:  # only now: a task that does not fit leaves nothing behind
+            run.start("finetune", config, tokenizer_source, None)
+    recipe = FinetuneRecipe(config, data, model, world, device, mesh)
+    state = TrainerState()
     if resume:
-        ckpt = run_on_main(find_checkpoint, run_dir)
-        load_training_state(ckpt, model, optimizer)
-        step = ckpt.state["step"]
-        rng_note = restore_rng_states(ckpt.state["rng"], world.rank, world.size, ft.seed, step)
-        state.update({k: ckpt.state[k] for k in state})
+        ckpt = resume_training_state(run.path, recipe.model, recipe.optimizer)
+        state = ckpt.state
+        rng_note = restore_rng_states(state.rng, world.rank, world.size, ft.seed, state.step)
         if progress:
-            print(f"resuming {run_dir} from {ckpt.path.name} (step {step} of {total})"
-                  + (f"; {rng_note}" if rng_note else ""), file=sys.stderr)
+            log.info(resume_note(run.path, ckpt.path.name, state.step, recipe.total_steps, rng_note))
     if progress:
         budget = f"{ft.label_fraction:.0%} of train: " if ft.label_fraction < 1 else ""
         layout = f" on {world.size} processes ({config.parallel.strategy})" if world.distributed else ""
-        print(f"fine-tune {config.model.family} ({ft.init} init) on {task.name}: {budget}{len(data.train):,} "
-              f"examples, {total} steps of {ft.batch_size}{layout}, dev {len(data.dev):,}", file=sys.stderr)
-
-    metrics = MetricsWriter(run_dir, resume_step=step if resume else None) if world.is_main else None
-    result = FinetuneResult(run_dir, step, total, train_examples=len(data.train))
-    root = run_dir / "checkpoints"
-
-    def checkpoint() -> None:
-        try:
-            save_checkpoint(root, step, model, optimizer, {**state, "rng": all_rng_states(), "total_steps": total})
-            if world.is_main:
-                _point_best_and_prune(root, step, state["best_step"], ft.keep_checkpoints)
-        except OSError as exc:
-            raise LmforgeError(f"could not write the step-{step} checkpoint ({exc.strerror or exc})") from None
-
-    bar = tqdm(total=total, initial=step, desc=f"finetune {task.name}", unit="step", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    window_examples, window_start = 0, time.perf_counter()
-    model.train()
-    with StopRequest().installed() as stop:
-        while step < total:
-            factor = lr_factor(step, total, ft.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * factor
-            indices = batch_indices(len(data.train), ft.batch_size, ft.seed, step)
-            targets = sum(_targets(data.train[i]) for i in indices)
-            loss_sum = 0.0
-            for m, part in enumerate(rank_micro_batches(indices, world.rank, world.size, accum)):
-                weight = sum(_targets(data.train[i]) for i in part) / targets
-                if len(part) == 0:  # every process must run as many passes as the others: one that counts 0
-                    part = indices[:1]
-                batch = {k: v.to(device) for k, v in collate([data.train[i] for i in part], data.pad,
-                                                             kind == "regression").items()}
-                with gradient_sync(train_model, enabled=m == accum - 1):
-                    with autocast(device, ft.precision):
-                        loss = train_model(batch) * weight
-                    (loss * world.size).backward()  # DDP and FSDP average over processes; weights make a global mean
-                loss_sum += float(loss.detach())
-            totals = all_reduce_sum(torch.tensor([loss_sum, float(stop.signum is not None)], dtype=torch.float64))
-            loss_value, stopping = float(totals[0]), bool(totals[1] > 0)
-            clip = ft.grad_clip if ft.grad_clip > 0 else math.inf
-            grad_norm = float(clip_grad_norm(list(model.parameters()), clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_examples += len(indices)
-            bar.update(1)
-            row: dict[str, Any] = {}
-            if step % ft.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "epoch": step / steps_per_epoch(len(data.train), ft.batch_size),
-                       "loss": loss_value, "lr": ft.lr * factor, "grad_norm": grad_norm,
-                       "examples_per_s": window_examples / elapsed if elapsed > 0 else 0.0}
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                window_examples, window_start = 0, time.perf_counter()
-            evaluated = step % eval_every == 0 or step == total
-            if evaluated:
-                # The processes share the dev set's batches; rank 0's scores decide for all.
-                scores = broadcast_object(evaluate_task(model, data.dev, task, data.pad, device, ft.precision))
-                row = {"step": step, **row, **scores}
-                score = selection_score(scores, task.config)
-                if is_better(score, state["best_score"]):
-                    state.update(best_score=score, best_step=step, best=scores, since_best=0)
-                else:
-                    state["since_best"] += 1
-                if progress:
-                    shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in scores.items())
-                    bar.write(f"step {step}: dev {shown}" + ("  (best)" if state["best_step"] == step else ""),
-                              file=sys.stderr)
-                window_start = time.perf_counter()
-            if row and metrics is not None:
-                metrics.log(row)
-            early_stop = evaluated and ft.patience > 0 and state["since_best"] >= ft.patience
-            if evaluated or stopping or step == total:
-                checkpoint()
-                window_start = time.perf_counter()
-            if stopping:
-                result.interrupted_by = stop.signum or signal.SIGTERM
-                break
-            if early_stop:
-                result.stopped_early = True
-                if progress:
-                    bar.write(f"early stop: no better dev score in {ft.patience} evaluations", file=sys.stderr)
-                break
-    bar.close()
-    result.step, result.best_step, result.best = step, state["best_step"], state["best"]
+        log.info(f"fine-tune {config.model.family} ({ft.init} init) on {task.name}: {budget}{len(data.train):,} "
+                 f"examples, {recipe.total_steps} steps of {ft.batch_size}{layout}, dev {len(data.dev):,}")
+    done = run_loop(recipe, run, state, world, progress, resumed=resume)
+    state = done.state
+    result = FinetuneResult(run.path, done.step, recipe.total_steps, best_step=state.best_step, best=state.best,
+                            stopped_early=done.stopped_early, interrupted_by=done.interrupted_by,
+                            train_examples=len(data.train))
     if not world.is_main:
         return result
-    metrics.close()
-    plot_run(run_dir)
     result.seconds = time.time() - started
-    if result.interrupted_by is None and kind == "generation" and ft.generate_tokens > 0:
-        _write_samples(run_dir, task.dev[:8], device)
-    best_name = f"step-{state['best_step']:06d}" if state["best_step"] is not None else None
-    summary = {"task": task.name, "kind": kind, "base_run": config.base_run, "init": ft.init,
-               "label_fraction": ft.label_fraction, "train_examples": len(data.train), "step": step,
-               "total_steps": total, "best_checkpoint": best_name,
-               "select_metric": "loss" if kind == "generation" else task.config.select_metric,
-               "dev": {k.removeprefix("val_"): v for k, v in state["best"].items()},
-               "stopped_early": result.stopped_early, "interrupted": result.interrupted_by is not None,
-               "seconds": round(result.seconds, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    kind = task.config.kind
+    best_name = step_name(state.best_step) if state.best_step is not None else None
+    run.write_summary({"task": task.name, "kind": kind, "base_run": config.base_run, "init": ft.init,
+                       "label_fraction": ft.label_fraction, "train_examples": len(data.train), "step": done.step,
+                       "total_steps": recipe.total_steps, "best_checkpoint": best_name,
+                       "select_metric": "loss" if kind == "generation" else task.config.select_metric,
+                       "dev": {k.removeprefix("val_"): v for k, v in state.best.items()},
+                       "stopped_early": result.stopped_early, "interrupted": result.interrupted_by is not None,
+                       "seconds": round(result.seconds, 1)})
     return result
-
-
-def _point_best_and_prune(root: Path, step: int, best_step: Optional[int], keep: int) -> None:
-    """`best` names the best checkpoint; of the others the newest `keep` stay (0: all), the just-written
-    one among them."""
-    if best_step is not None:
-        write_atomic(root / BEST_FILE, f"step-{best_step:06d}\n".encode("utf-8"))
-    kept = {f"step-{step:06d}", f"step-{best_step:06d}" if best_step is not None else ""}
-    newest = [p for p in step_dirs(root) if p.name not in kept]
-    for old in newest[: len(newest) - (keep - 1)] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,8 +503,11 @@ def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]]) -> 
     if config.task.kind == "generation":
         out = []
         eos = eos_id(run.tokenizer)
-        for prompt, _ in texts:
-            ids = run.tokenizer.encode(prompt, add_special_tokens=False).ids[-(max_length - 1):] or [eos]
+        prompts = [prompt for prompt, _ in texts]
+        encodings = run.tokenizer.encode_batch(prompts, add_special_tokens=False)
+        warn_unknown(run.tokenizer, prompts, encodings, "the prompts")
+        for prompt, encoding in zip(prompts, encodings):
+            ids = encoding.ids[-(max_length - 1):] or [eos]
             room = max(0, config.model.block_size - len(ids))
             generated = generate(run.model, torch.tensor([ids], device=device),
                                  min(config.finetune.generate_tokens, room), temperature=0.0, stop_token=eos)
@@ -584,9 +530,10 @@ def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]]) -> 
     return [{"label": names[int(p.argmax())], "probabilities": {n: float(v) for n, v in zip(names, p)}} for p in probs]
 
 
-def _write_samples(run_dir: Path, examples: Sequence[Example], device: torch.device) -> None:
-    """Greedy responses of the best checkpoint to the first dev prompts, beside the references."""
+def write_samples(run_dir: Path, device: torch.device, count: int = 8) -> None:
+    """samples.jsonl: greedy responses of the best checkpoint to the first dev prompts, beside the references."""
     run = load_finetuned(run_dir, device=device)
+    examples = load_task(run.config.task).dev[:count]
     answers = predict(run, [(e.text, None) for e in examples])
     lines = [json.dumps({"prompt": e.text, "reference": e.label, "response": a["response"]}) for e, a in
              zip(examples, answers)]

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.model import build_model
-from lmforge.model.config import ModelConfig
+from lmforge.model import ModelConfig, build_model
 from lmforge.model.heads import ClassificationHead
-from lmforge.model.transformer import GPT, init_weights
+from lmforge.model.layers import init_weights
 
 POOLINGS = ("auto", "cls", "last", "mean")
 
@@ -40,15 +39,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
         return hidden.mean(1)
     weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-
-
-def decoder_hidden(gpt: GPT, input_ids: torch.Tensor) -> torch.Tensor:
-    """A GPT's final (LayerNormed) hidden states, (batch, length, d_model): its forward pass without the LM head."""
-    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-    x = gpt.drop(gpt.wte(input_ids) + gpt.wpe(pos))
-    for block in gpt.blocks:
-        x, _ = block(x)
-    return gpt.ln_f(x)
 
 
 class SequenceClassifier(nn.Module):
@@ -78,7 +68,7 @@ class SequenceClassifier(nn.Module):
             features = pooled if self.pooling == "cls" else mean_pool(hidden, attention_mask)
         else:
             # Right padding and causal attention: real positions never see the pads, so no mask is needed.
-            hidden = decoder_hidden(self.backbone, input_ids)
+            hidden = self.backbone.hidden_states(input_ids)
             if self.pooling == "mean":
                 features = mean_pool(hidden, attention_mask)
             else:

@@ -157,7 +157,7 @@ def load_tagging_task(config: TaskConfig) -> TaggingData:
     try:
         check_scheme(labels, config.scheme)
     except LmforgeError as err:
-        raise LmforgeError(f"{train_path}: {err}") from None
+        raise LmforgeError(f"{'task.labels' if config.labels is not None else train_path}: {err}") from None
     if len(labels) < 2:
         raise LmforgeError(f"{train_path}: every word has the tag {labels[0]!r}; tagging needs at least two tags")
     dev = read_tagged(find_split_file(config, "dev", SUFFIXES), config)

@@ -14,45 +14,32 @@ every process's RNG states.
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import io
 import json
+import logging
 import os
 import pickle
-import random
 import re
 import shutil
-import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.data.store import sha256_file, write_atomic
 from lmforge.errors import LmforgeError
-from lmforge.train.distributed import all_gather_objects, is_distributed, is_main, raise_together
+from lmforge.fileio import describe_os_error, fsync_dir, fsync_file, is_write_failure, sha256_file, write_atomic
+from lmforge.train.distributed import all_reduce_sum, is_distributed, is_main, raise_together
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "trainer_state.json"
 DCP_DIR = "dcp"  # torch.distributed.checkpoint's files: model and optimizer state of a multi-process run
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -121,64 +108,40 @@ def whole_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in full.items() if k not in tied}
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global RNG, as JSON-able values (our data order never uses them, but user code might)."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
-    state = {
-        "python": random.getstate(),
-        "numpy": numpy_state,
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
-    return state
+STATE_FORMAT = 1  # trainer_state.json's format; 0 = written before it carried one (read the same way)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {**numpy_state["state"], "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-                                      for s in state["cuda"]])
+@dataclass
+class TrainerState:
+    """Where a run stands at a checkpoint: what trainer_state.json holds, beside the weights.
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def derived_seed(seed: int, *keys: int) -> int:
-    """A seed for the stream named by (seed, *keys), e.g. (seed, rank): independent of every other one."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] % 2**63)
-
-
-def all_rng_states() -> Any:
-    """What trainer_state.json keeps as "rng": this process's states, or with several processes a list
-    of every process's, in rank order. Every process must call it."""
-    states = all_gather_objects(rng_state())
-    return states[0] if len(states) == 1 else states
-
-
-def restore_rng_states(saved: Any, rank: int, world_size: int, seed: int, step: int) -> Optional[str]:
-    """Restore this process's RNG states from a checkpoint's "rng" (see all_rng_states).
-
-    Written by as many processes as there are now, each takes its own back exactly. Otherwise there is
-    no state that belongs to this process: the streams are re-derived from (seed, step, rank), and the
-    returned line says so.
+    One writer (save_checkpoint) and one reader (Checkpoint.state): pretraining fills the loader
+    position and tokens seen, fine-tuning the planned steps and the best dev score so far.
     """
-    states = saved if isinstance(saved, list) else [saved]
-    if len(states) == world_size:
-        set_rng_state(states[rank])
-        return None
-    seed_everything(derived_seed(seed, step, rank))
-    return (f"the checkpoint holds the RNG states of {len(states)} process{'es' if len(states) > 1 else ''} "
-            f"and this run has {world_size}: RNG streams re-derived from (seed, step, rank)")
+
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps_total: int = 0  # updates skipped for a non-finite loss or gradient norm
+    loader: Optional[dict[str, Any]] = None  # the training loader's position (pretraining)
+    total_steps: Optional[int] = None  # the planned number of steps (fine-tuning: derived from the data)
+    best_step: Optional[int] = None
+    best_score: Optional[float] = None
+    best: dict[str, float] = field(default_factory=dict)  # dev metrics at best_step
+    since_best: int = 0  # evaluations since the best one (early stopping)
+    rng: Any = None  # every process's RNG states (lmforge.train.rng.all_rng_states)
+    config: Optional[dict[str, Any]] = None  # the resolved config the run had at this step
+
+    def to_json(self, files: dict[str, str]) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, **dataclasses.asdict(self), "files": files}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: Path) -> "TrainerState":
+        version = data.get("format", 0)
+        if not isinstance(version, int) or version > STATE_FORMAT:
+            raise LmforgeError(f"{path} has trainer-state format {version!r}; this lmforge reads up to "
+                               f"{STATE_FORMAT}: upgrade lmforge to continue this run")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -189,14 +152,25 @@ def step_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    trainer_state: dict[str, Any], keep_last: int = 0, keep_every: int = 0) -> Path:
-    """Write checkpoint `step` under `root` atomically and point `latest` at it.
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def weights_are_finite(model: nn.Module) -> bool:
+    """Whether every parameter of `model` is finite, on every process (a NaN checkpoint is no good one)."""
+    bad = sum(int((~torch.isfinite(p.detach())).any()) for p in model.parameters())
+    return float(all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0]) == 0.0
+
+
+def save_checkpoint(root: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    state: TrainerState) -> Path:
+    """Write checkpoint `state.step` under `root` atomically and point `latest` at it.
 
     With several processes every process must call it (they write `dcp/` together; rank 0 the rest).
-    model: the plain or FSDP-sharded model, not a DDP wrapper.
+    model: the plain or FSDP-sharded model, not a DDP wrapper. A write that fails (disk full,
+    permissions) is an LmforgeError naming the path; the previous checkpoint stays intact.
     """
-    final = root / f"step-{step:06d}"
+    final = root / step_name(state.step)
     tmp = root / f".{final.name}.tmp"  # the same name in every process
     error: Optional[BaseException] = None
     if is_main():
@@ -207,8 +181,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Optional
             tmp.mkdir()
         except OSError as exc:
             error = exc
-    raise_together(error)
     try:
+        raise_together(_as_user_error(error, root, state.step))
         if is_distributed():
             _save_sharded(tmp / DCP_DIR, model, optimizer)
             optimizer = None  # its state is in dcp/
@@ -216,20 +190,37 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: Optional
         error = None
         if is_main():
             try:
-                _write_and_publish(tmp, final, weights, optimizer, {**trainer_state, "step": step})
-            except OSError as exc:
+                _write_and_publish(tmp, final, weights, optimizer, state)
+            except Exception as exc:  # noqa: BLE001 - a failed write becomes one line below, a bug re-raises
                 error = exc
-        raise_together(error)
+        raise_together(_as_user_error(error, root, state.step))
     except BaseException:
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last > 0 and is_main():
-        for old in step_dirs(root)[:-keep_last]:
-            if keep_every > 0 and int(STEP_DIR.match(old.name).group(1)) % keep_every == 0:
-                continue  # a milestone kept for good (e.g. for later evaluation)
-            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _as_user_error(error: Optional[BaseException], root: Path, step: int) -> Optional[BaseException]:
+    """A failed write as one line that says the previous checkpoint is intact; anything else unchanged."""
+    if error is None or not is_write_failure(error):
+        return error
+    latest = root / "latest"
+    kept = latest.read_text(encoding="utf-8").strip() if latest.is_file() else "none yet"
+    return LmforgeError(f"could not write the {step_name(step)} checkpoint: {describe_os_error(error, root)}; "
+                        f"the previous checkpoint ({kept}) is intact")
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_every: int, newest: str, best: Optional[str] = None) -> None:
+    """Retention after writing `newest`: it and `best` stay, and of the others the newest keep_last - 1
+    (0: keep all), plus every multiple of `keep_every` steps (milestones kept for good)."""
+    if keep_last <= 0 or not is_main():
+        return
+    others = [p for p in step_dirs(root) if p.name not in (newest, best)]
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
+        if keep_every > 0 and int(STEP_DIR.match(old.name).group(1)) % keep_every == 0:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_sharded(path: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
@@ -243,22 +234,22 @@ def _save_sharded(path: Path, model: nn.Module, optimizer: Optional[torch.optim.
 
 
 def _write_and_publish(tmp: Path, final: Path, weights: dict[str, torch.Tensor],
-                       optimizer: Optional[torch.optim.Optimizer], trainer_state: dict[str, Any]) -> None:
+                       optimizer: Optional[torch.optim.Optimizer], state: TrainerState) -> None:
     """Rank 0's part: the weights file (and optimizer.pt), checksums of every file, the rename, `latest`."""
     save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
-        _fsync_file(tmp / name)
-    state = {**trainer_state, "files": {n: sha256_file(tmp / n) for n in files}}
-    write_atomic(tmp / STATE_FILE, json.dumps(state).encode("utf-8"))
+        fsync_file(tmp / name)
+    record = state.to_json({n: sha256_file(tmp / n) for n in files})
+    write_atomic(tmp / STATE_FILE, json.dumps(record).encode("utf-8"))
     for directory in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     if final.exists():  # re-saving the same step (e.g. final == periodic): replace it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     write_atomic(final.parent / "latest", f"{final.name}\n".encode("utf-8"))
 
 
@@ -276,10 +267,14 @@ def verify_checkpoint(path: Path) -> Optional[str]:
     return None
 
 
+class DamagedCheckpoint(LmforgeError):
+    """A checkpoint whose files pass their checksums but cannot be read safely (e.g. a planted pickle)."""
+
+
 @dataclass
 class Checkpoint:
     path: Path
-    state: dict[str, Any]
+    state: TrainerState
 
     @property
     def model_path(self) -> Path:
@@ -292,7 +287,11 @@ class Checkpoint:
 
     def optimizer_state(self) -> dict:
         # weights_only: the optimizer state is tensors and numbers; never unpickle arbitrary objects.
-        return torch.load(self.path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise DamagedCheckpoint(f"checkpoint {self.path}: {OPTIMIZER_FILE} refused ({reason})") from None
 
 
 def load_training_state(ckpt: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -352,7 +351,7 @@ def _check_dcp_metadata(path: Path) -> None:
         try:
             _MetadataUnpickler(fh).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
-            raise LmforgeError(f"{path / '.metadata'}: refused ({exc})") from None
+            raise DamagedCheckpoint(f"{path / '.metadata'}: refused ({exc})") from None
 
 
 def _weights_only_planner() -> Any:
@@ -362,7 +361,10 @@ def _weights_only_planner() -> Any:
 
     class Planner(DefaultLoadPlanner):
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            torch.load(value, weights_only=True)  # raises on anything but plain values
+            try:
+                torch.load(value, weights_only=True)  # raises on anything but plain values
+            except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+                raise DamagedCheckpoint(f"optimizer state in dcp/ refused ({str(exc).splitlines()[0][:160]})") from None
             value.seek(0)
             super().load_bytes(read_item, value)
 
@@ -379,6 +381,29 @@ def _optimizer_state_by_name(saved: dict, model: nn.Module, optimizer: torch.opt
             "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
 
 
+def _read_checkpoint(path: Path) -> Checkpoint:
+    state_path = path / STATE_FILE
+    return Checkpoint(path, TrainerState.from_json(json.loads(state_path.read_text(encoding="utf-8")), state_path))
+
+
+def complete_checkpoints(run_dir: Path) -> Iterator[Checkpoint]:
+    """The run's whole checkpoints, newest first (`latest` first), warning past damaged ones."""
+    root = run_dir / "checkpoints"
+    candidates = list(reversed(step_dirs(root)))
+    latest_file = root / "latest"
+    if latest_file.is_file():
+        pointed = root / latest_file.read_text(encoding="utf-8").strip()
+        if pointed in candidates:  # try what `latest` names first; newer ones can only be unreferenced
+            candidates.remove(pointed)
+            candidates.insert(0, pointed)
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            yield _read_checkpoint(path)
+        else:
+            log.warning("warning: checkpoint %s is damaged (%s); trying the previous one", path, problem)
+
+
 def find_checkpoint(run_dir: Path, name: Optional[str] = None) -> Checkpoint:
     """The named checkpoint, or the newest complete one (falling back past corrupt ones, with a warning)."""
     root = run_dir / "checkpoints"
@@ -392,17 +417,33 @@ def find_checkpoint(run_dir: Path, name: Optional[str] = None) -> Checkpoint:
         problem = verify_checkpoint(path)
         if problem:
             raise LmforgeError(f"checkpoint {path} is damaged: {problem}")
-        return Checkpoint(path, json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
-    candidates = list(reversed(step_dirs(root)))
-    latest_file = root / "latest"
-    if latest_file.is_file():
-        pointed = root / latest_file.read_text(encoding="utf-8").strip()
-        if pointed in candidates:  # try what `latest` names first; newer ones can only be unreferenced
-            candidates.remove(pointed)
-            candidates.insert(0, pointed)
-    for path in candidates:
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return Checkpoint(path, json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
-        print(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one", file=sys.stderr)
+        return _read_checkpoint(path)
+    for ckpt in complete_checkpoints(run_dir):
+        return ckpt
     raise LmforgeError(f"no complete checkpoint in {run_dir}")
+
+
+def resume_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> Checkpoint:
+    """Load the newest checkpoint that loads safely into model and optimizer; a damaged one (checksum,
+    or contents refused as unsafe) is skipped with a warning, as a torn one is."""
+    from lmforge.train.distributed import run_on_main
+
+    skip: set[str] = set()
+    while True:
+        path = run_on_main(_newest_path, run_dir, skip)
+        if path is None:
+            raise LmforgeError(f"no complete checkpoint in {run_dir}")
+        ckpt = _read_checkpoint(Path(path))
+        try:
+            load_training_state(ckpt, model, optimizer)
+            return ckpt
+        except DamagedCheckpoint as exc:
+            log.warning("warning: %s; trying the previous one", exc)
+            skip.add(path)
+
+
+def _newest_path(run_dir: Path, skip: set[str]) -> Optional[str]:
+    for ckpt in complete_checkpoints(run_dir):
+        if str(ckpt.path) not in skip:
+            return str(ckpt.path)
+    return None

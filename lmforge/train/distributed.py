@@ -221,7 +221,7 @@ def rank_and_size() -> tuple[int, int]:
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's Transformer blocks, in order: the units of activation checkpointing, compilation and FSDP."""
-    from lmforge.model.transformer import Block
+    from lmforge.model.layers import Block
 
     return [m for m in model.modules() if isinstance(m, Block)]
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from lmforge.data.store import write_atomic
+from lmforge.fileio import write_atomic
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.heads import ClassificationHead, MLMHead, Pooler
-from lmforge.model.transformer import IGNORE_INDEX, Block, init_weights
+from lmforge.model.layers import IGNORE_INDEX, Block, init_weights, layer_index
 
 MLM_ROWS_BUCKET = 64
 
@@ -55,6 +55,15 @@ class BertEncoder(nn.Module):
             x, _ = block(x, key_mask=key_mask)
         x = self.ln_f(x)
         return x, self.pooler(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final hidden states, (batch, length, d_model), without the pooler."""
+        return self(input_ids, token_type_ids, attention_mask)[0]
+
+    def layer_of(self, param_name: str) -> int:
+        """Depth of a parameter: 0 embeddings, 1..n_layer blocks, n_layer + 1 the final norm and pooler."""
+        return layer_index(param_name, ("wte", "wpe", "wtt", "ln_emb"), ("ln_f", "pooler"), self.config.n_layer)
 
 
 @dataclass
@@ -132,6 +141,17 @@ class BertForPreTraining(nn.Module):
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels, ignore_index=IGNORE_INDEX)
             loss = loss + nsp_loss
         return PreTrainingOutput(loss, mlm_logits, nsp_logits, mlm_loss, nsp_loss, targets, nsp_labels)
+
+    def hidden_states(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The encoder's final hidden states, (batch, length, d_model)."""
+        return self.bert.hidden_states(input_ids, token_type_ids, attention_mask)
+
+    def layer_of(self, param_name: str) -> int:
+        """Depth of a parameter: 0 embeddings, 1..n_layer blocks, n_layer + 1 what sits on top (pooler, heads)."""
+        if param_name.startswith("bert."):
+            return self.bert.layer_of(param_name.removeprefix("bert."))
+        return layer_index(param_name, (), ("mlm", "nsp"), self.config.n_layer)
 
     def num_parameters(self, exclude_embeddings: bool = True) -> int:
         """Parameter count; position and segment embeddings excluded by default (no matmul work)."""
