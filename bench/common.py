@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-GCIDE = ROOT.parent / "shared" / "data" / "gcide" / "gcide.txt"
+# ../shared next to the repository (or next to the worktrees' folder, for a git worktree)
+SHARED = next((p / "shared" for p in (ROOT.parent, ROOT.parent.parent) if (p / "shared").is_dir()), ROOT.parent / "shared")
+GCIDE = SHARED / "data" / "gcide" / "gcide.txt"
 
 
 def gcide_text() -> str:

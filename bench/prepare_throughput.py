@@ -1,12 +1,14 @@
-"""Tokenization throughput and peak memory of `lmforge prepare` vs Hugging Face `datasets` `.map(batched=True)`.
+"""Tokenization throughput and peak memory of `lmforge prepare` vs two Hugging Face `datasets` peers.
 
 One run: builds a corpus of at least --mb MB by replicating ../shared/data/gcide/gcide.txt into a temp
-directory, trains one byte-level BPE tokenizer (vocab 8192) that both sides use, then measures, each in
+directory, trains one byte-level BPE tokenizer (vocab 8192) that every side uses, then measures, each in
 its own process: lmforge prepare with 1 and 2 workers (read, split, encode, write shards), the same at
-half the corpus (memory must stay flat as the corpus doubles), and datasets' text loader + `.map`.
+half the corpus (memory must stay flat as the corpus doubles), and two peers, each datasets' text loader
+then `.map`: (a) `.map(batched=True)` with the `tokenizers` tokenizer; (b) nanoGPT's way,
+`.map(num_proc=2)` with a tiktoken encoder of the same ranks (`encode_ordinary` + end-of-text).
 Peak RSS is the largest sum of PSS (resident memory, pages shared between processes counted once)
 over the process and its children, sampled every 0.1 s.
-Last line: `ratio X.XX` = ours at 2 workers / peer's `.map` alone (its loading not counted).
+Last line: `ratio X.XX` = ours at 2 workers / peer (a)'s `.map` alone (its loading not counted).
 
     flock /tmp/lmforge-heavy.lock .venv/bin/python bench/prepare_throughput.py
 """
@@ -56,6 +58,31 @@ def encode(batch):
     return {"input_ids": [e.ids + [eos] for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
 
 ds = ds.map(encode, batched=True, batch_size=1000, remove_columns=["text"])
+print(json.dumps({"seconds": time.time() - loaded, "load_seconds": loaded - started}))
+"""
+
+# nanoGPT's data/openwebtext/prepare.py way: one document per call, processes from datasets' num_proc.
+PEER_TIKTOKEN = """
+import json, sys, time
+from datasets import disable_progress_bars, load_dataset
+from tokenizers import Tokenizer
+from lmforge.data.fast_encoder import tiktoken_encoding
+disable_progress_bars()
+corpus, tokenizer, cache = sys.argv[1:4]
+enc = tiktoken_encoding(Tokenizer.from_file(tokenizer))  # the same ranks as the tokenizers peer's
+eot = enc.encode_single_token("<|endoftext|>")
+files = sorted(str(p) for p in __import__("pathlib").Path(corpus).glob("*.txt"))
+started = time.time()
+ds = load_dataset("text", data_files=files, sample_by="paragraph", split="train", cache_dir=cache,
+                  encoding_errors="replace")
+loaded = time.time()
+
+def process(example):
+    ids = enc.encode_ordinary(example["text"])
+    ids.append(eot)
+    return {"ids": ids, "len": len(ids)}
+
+ds = ds.map(process, remove_columns=["text"], num_proc=2)
 print(json.dumps({"seconds": time.time() - loaded, "load_seconds": loaded - started}))
 """
 
@@ -126,7 +153,8 @@ def main() -> None:
               f"byte-level BPE vocab {tokenizer.get_vocab_size()}, {os.cpu_count()} CPUs")
         rows = []
         for label, size, code, extra in (
-            ("datasets load_dataset + .map(batched=True)", full, PEER, [str(tmp / "full"), tok, str(tmp / "hf")]),
+            ("datasets .map(batched=True) + tokenizers", full, PEER, [str(tmp / "full"), tok, str(tmp / "hf")]),
+            ("datasets .map(num_proc=2) + tiktoken", full, PEER_TIKTOKEN, [str(tmp / "full"), tok, str(tmp / "hf")]),
             ("lmforge prepare, 1 worker", full, OURS, [str(tmp / "full"), tok, str(tmp / "s1"), "1"]),
             ("lmforge prepare, 2 workers", full, OURS, [str(tmp / "full"), tok, str(tmp / "s2"), "2"]),
             ("lmforge prepare, 2 workers, half corpus", half, OURS, [str(tmp / "half"), tok, str(tmp / "s3"), "2"]),
@@ -140,10 +168,11 @@ def main() -> None:
                   f"{load}", flush=True)
             for leftover in ("s1", "s2", "s3", "hf"):  # keep the temp disk use to one store at a time
                 shutil.rmtree(tmp / leftover, ignore_errors=True)
-        peer, two, half_run = rows[0], rows[2][2], rows[3][2]
+        peer, tiktoken_peer, two, half_run = rows[0], rows[1], rows[3], rows[4][2]
         print(f"peak RSS at 2 workers: {half_run['rss'] / 2**20:.0f} MiB for {half / 1e6:.0f} MB, "
-              f"{two['rss'] / 2**20:.0f} MiB for {full / 1e6:.0f} MB")
-        print(f"ratio {rows[2][1] / peer[1]:.2f}")
+              f"{two[2]['rss'] / 2**20:.0f} MiB for {full / 1e6:.0f} MB")
+        print(f"lmforge at 2 workers / datasets + tiktoken: {two[1] / tiktoken_peer[1]:.2f}")
+        print(f"ratio {two[1] / peer[1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -36,13 +36,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import prepare
     from lmforge.data.store import TokenStore
 
-    config = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"data.executor={args.executor}"] if args.executor else []),
+                 *([f"data.tasks={args.tasks}"] if args.tasks is not None else [])]
+    config = load_config(args.config, overrides)
     if args.workers is not None and args.workers < 0:
         raise LmforgeError(f"--workers must be >= 0 (0 = one per CPU core), got {args.workers}")
     path = prepare(config.data, config.model.family, out=args.out, workers=args.workers)
     manifest = TokenStore(path).manifest
     splits = ", ".join(f"{name} {info['tokens']:,} tokens" for name, info in manifest["splits"].items())
     print(f"token store: {path} (vocab {manifest['vocab_size']:,}; {splits})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from lmforge.verify import verify
+
+    checked, problems = verify(args.path)
+    for line in checked:
+        print(f"checked: {line}")
+    for problem in problems:
+        print(f"BAD: {problem}")
+    if problems:
+        raise LmforgeError(f"{args.path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} found (listed above)")
+    print(f"{args.path}: every checksum matches")
     return 0
 
 
@@ -364,7 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store directory (default: data.store, or a cache directory)")
     p.add_argument("--workers", type=int, help="tokenizer and curation processes (default: data.workers; "
                    "0 = one per core); the store is the same for any number")
+    p.add_argument("--executor", choices=["local", "slurm", "ray"], help="tokenize as datatrove tasks on this "
+                   "executor (default: data.executor, else this process's pool); the store is the same")
+    p.add_argument("--tasks", type=int, help="datatrove tasks, each a share of the corpus files (default: data.tasks; "
+                   "0 = one per file)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("verify", help="check every checksum of a token store, or of a run's checkpoints and store")
+    p.add_argument("path", help="token store directory or run directory")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("pretrain", help="pretrain a model (no arguments: the built-in default)")
     _add_config_args(p)

@@ -92,6 +92,14 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     workers: int = 1  # tokenizer (and curation) processes; 0 = one per CPU core. Never changes the store
+    # Longer documents are encoded in pieces of at most this many characters (cut at spaces: same ids),
+    # and enter tokenizer training as such pieces: memory stays bounded whatever the document's size.
+    max_document_chars: int = 1_000_000
+    # Tokenize as datatrove tasks: local | slurm | ray (None: this process's pool). Same store either way.
+    executor: Optional[Literal["local", "slurm", "ray"]] = None
+    tasks: int = 0  # datatrove tasks (each a share of the corpus files); 0 = one per file
+    slurm_partition: Optional[str] = None  # executor slurm: the partition to submit to
+    slurm_time: str = "24:00:00"  # executor slurm: each task's time limit
 
     def validate(self, prefix: str) -> None:
         if not self.corpus and self.store is None:
@@ -107,6 +115,10 @@ class DataConfig:
         self.curate.validate(f"{prefix}.curate")
         if self.workers < 0:
             raise LmforgeError(f"{prefix}.workers must be >= 0 (0 = one per CPU core), got {self.workers}")
+        if self.tasks < 0:
+            raise LmforgeError(f"{prefix}.tasks must be >= 0 (0 = one per corpus file), got {self.tasks}")
+        if self.max_document_chars < 1000:
+            raise LmforgeError(f"{prefix}.max_document_chars must be at least 1000, got {self.max_document_chars}")
 
 
 @dataclass

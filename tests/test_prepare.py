@@ -1,4 +1,5 @@
 import bz2
+import dataclasses
 import gzip
 import json
 import os
@@ -16,7 +17,7 @@ from lmforge.config import DataConfig, SplitConfig, TokenizerConfig
 from lmforge.data import prepare as prepare_module
 from lmforge.data.prepare import prepare
 from lmforge.data.store import TokenStore
-from lmforge.data.tokenizer import train_tokenizer
+from lmforge.data.tokenizer import tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,3 +193,65 @@ def test_missing_jsonl_field_names_file_and_line(tmp_path, capsys):
     assert f"{tmp_path / 'c.jsonl'}:2: no field 'text'" in err
     assert not (tmp_path / "s").exists()
     assert not (tmp_path / "s.partial").exists()  # a build stopped by bad input leaves nothing behind
+
+
+def test_a_long_document_is_stored_as_if_encoded_whole(tmp_path, corpus_and_tokenizer):
+    """Documents beyond data.max_document_chars go in pieces; the store is the same byte for byte."""
+    corpus, tokenizer = corpus_and_tokenizer
+    lines = corpus.read_text().splitlines()
+    long_doc = json.dumps({"text": " ".join(json.loads(line)["text"] for line in lines[:400])})  # ~250k chars
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines[400:700] + [long_doc] + lines[700:900]) + "\n")
+
+    def build(name, max_chars, workers):
+        config = dataclasses.replace(_config(mixed, tmp_path / name, tokenizer), max_document_chars=max_chars)
+        return prepare(config, progress=False, workers=workers)
+
+    whole = _files(build("whole", 10**7, 1))
+    manifest = json.loads(whole.pop("manifest.json"))
+    assert manifest["corpus"]["documents"] == 501
+    for name, workers in (("pieces1", 1), ("pieces2", 2)):
+        pieces = _files(build(name, 3000, workers))
+        pieces_manifest = json.loads(pieces.pop("manifest.json"))
+        assert pieces == whole
+        assert pieces_manifest["splits"] == manifest["splits"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_tmp_shard(tmp_path, corpus_and_tokenizer,
+                                                                         monkeypatch, capsys):
+    import errno
+
+    from lmforge.data import store as store_module
+
+    corpus, tokenizer = corpus_and_tokenizer
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  corpus: [{corpus}]\n  store: {tmp_path / 's'}\n  shard_tokens: 8000\n"
+                      f"  tokenizer: {{path: {tokenizer}}}\n")
+    real_fsync, calls = os.fsync, []
+
+    def full_at_the_third_shard(fd):
+        calls.append(fd)
+        if len(calls) == 5:  # tokenizer record, two shards with their .idx, then the third shard's .bin
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", full_at_the_third_shard)
+    err = _cli_error(["prepare", "--config", str(recipe)], capsys)
+    assert "cannot write" in err and "No space left on device" in err and str(tmp_path / "s.partial") in err
+    assert not list((tmp_path / "s.partial").rglob("*.tmp"))
+    assert not (tmp_path / "s").exists()
+    monkeypatch.setattr(store_module.os, "fsync", real_fsync)
+    assert main(["prepare", "--config", str(recipe)]) == 0  # space freed: the build resumes and completes
+    assert TokenStore(tmp_path / "s").verify() == []
+
+
+def test_a_tokenizer_trained_on_a_long_document_is_the_one_trained_on_it_whole(tmp_path, corpus_and_tokenizer):
+    """Training sees long documents in pieces cut at spaces: the same words, so the same tokenizer."""
+    corpus, _ = corpus_and_tokenizer
+    text = " ".join(json.loads(line)["text"] for line in corpus.read_text().splitlines()[:1500])  # ~1 MB, one line
+    (tmp_path / "one.txt").write_text(text)
+    config = DataConfig(corpus=[str(tmp_path / "one.txt")], store=str(tmp_path / "s"), max_document_chars=20_000,
+                        tokenizer=TokenizerConfig(kind="bpe", vocab_size=300), split=SplitConfig(by="tail"))
+    store = TokenStore(prepare(config, progress=False))
+    whole = train_tokenizer([text], config.tokenizer, show_progress=False)
+    assert store.manifest["tokenizer_sha256"] == tokenizer_sha256(whole)

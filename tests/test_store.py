@@ -59,7 +59,45 @@ def test_corrupted_shard_is_detected(tmp_path):
     data = bytearray(path.read_bytes())
     data[0] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert TokenStore(tmp_path).verify() == [writer.shards[0]["bin"]]
+    problems = TokenStore(tmp_path).verify()
+    assert len(problems) == 1 and writer.shards[0]["bin"] in problems[0] and "sha256" in problems[0]
+
+
+def _one_shard_store(root, ids, vocab_size):
+    writer = _write_split(root, [np.asarray(ids)], shard_tokens=1000)
+    manifest = {"format": "lmforge-token-store", "version": 1, "dtype": "uint16", "vocab_size": vocab_size,
+                "splits": {"train": writer.summary()}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root / writer.shards[0]["bin"]
+
+
+def test_a_same_size_corruption_is_refused_at_first_open_in_one_line(tmp_path):
+    path = _one_shard_store(tmp_path, np.arange(100) % 50, vocab_size=50)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0x01  # same size, different content: only the checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(LmforgeError, match="corrupt .*sha256") as info:
+        TokenStore(tmp_path).split("train")
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_ids_outside_the_vocabulary_are_refused_even_with_a_matching_checksum(tmp_path):
+    _one_shard_store(tmp_path, [1, 2, 3, 60_000], vocab_size=50)  # a manifest that does not fit its shards
+    with pytest.raises(LmforgeError, match="token id 60000, outside the vocabulary of 50"):
+        TokenStore(tmp_path).split("train")
+    assert any("outside the vocabulary" in p for p in TokenStore(tmp_path).verify())
+
+
+def test_a_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
+    from lmforge.data import store as store_module
+
+    _one_shard_store(tmp_path, np.arange(100) % 50, vocab_size=50)
+    calls = []
+    check = store_module.shard_problem
+    monkeypatch.setattr(store_module, "shard_problem", lambda *a: calls.append(1) or check(*a))
+    for _ in range(3):
+        TokenStore(tmp_path).split("train")
+    assert len(calls) == 1
 
 
 def test_unknown_store_version_is_refused(tmp_path):

@@ -23,17 +23,21 @@ from typing import Iterator
 
 import numpy as np
 
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from lmforge.config import DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
-from lmforge.data.store import (SplitWriter, TokenStore, dtype_for_vocab, move_tail, shard_is_intact, write_atomic,
-                                write_manifest)
-from lmforge.data.encode import boundary_token, encode_documents
-from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256, train_tokenizer
+from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_for_vocab, move_tail,
+                                shard_is_intact, write_atomic, write_manifest, writing)
+from lmforge.data.encode import boundary_token, encode_stream, iter_pieces
+from lmforge.data.fast_encoder import batch_encoder, joined_encoder
+from lmforge.data.prepare_tasks import TasksUnfinished
+from lmforge.data.tokenizer import EOS, load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 
 ENCODE_BATCH_BYTES = 1 << 20  # text per encoding task (a worker's unit of work)
+TRAIN_PIECE_CHARS = 100_000  # longest text handed to the tokenizer trainer (measured: -150 MB on a 50 MB document)
 PROGRESS = "progress.json"
 
 
@@ -56,7 +60,15 @@ def data_fingerprint(config: DataConfig, family: str) -> str:
 
 def _content_settings(config: DataConfig) -> dict:
     """The data settings that decide what the store holds (not where it goes, nor how many workers build it)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("store", "workers")}
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in ("store", "workers", "executor", "tasks", "slurm_partition", "slurm_time")}
+
+
+def store_location(config: DataConfig, family: str, fingerprint: str | None = None) -> Path:
+    """Where the token store for `config` lives: data.store, or a cache directory keyed by the data's hash."""
+    if config.store:
+        return Path(config.store)
+    return cache_dir() / "stores" / (fingerprint or data_fingerprint(config, family))[:20]
 
 
 def resolve_workers(workers: int) -> int:
@@ -77,7 +89,7 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     """
     workers = resolve_workers(config.workers if workers is None else workers)
     fingerprint = data_fingerprint(config, family)
-    target = Path(out or config.store or cache_dir() / "stores" / fingerprint[:20])
+    target = Path(out) if out else store_location(config, family, fingerprint)
     if (target / "manifest.json").is_file():
         existing = TokenStore(target).manifest.get("fingerprint")
         if existing == fingerprint:
@@ -93,12 +105,15 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     state = _read_progress(partial, fingerprint)
     if state is None:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        with writing(partial):
+            partial.mkdir(parents=True)
         state = {"fingerprint": fingerprint}
     elif progress:
         print(f"resuming the interrupted prepare in {partial}", file=sys.stderr)
     try:
         manifest = _build(config, family, partial, state, workers, progress)
+    except (StoreWriteError, TasksUnfinished):  # a full disk, a read-only directory, failed or queued tasks:
+        raise  # what is finished stays, for a re-run
     except LmforgeError:  # bad input or settings: a re-run would stop the same way, so nothing is kept
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -108,10 +123,12 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     manifest["fingerprint"] = fingerprint
     write_manifest(partial, manifest)
     (partial / PROGRESS).unlink()
-    shutil.rmtree(partial / "curate", ignore_errors=True)
-    if target.exists():
-        target.rmdir()
-    os.replace(partial, target)
+    for scratch in ("curate", "parts", "logs"):
+        shutil.rmtree(partial / scratch, ignore_errors=True)
+    with writing(target):
+        if target.exists():
+            target.rmdir()
+        os.replace(partial, target)
     return target
 
 
@@ -146,29 +163,31 @@ def _verified_shards(root: Path, split: str, entries: list[dict], dtype: np.dtyp
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_json: str, family: str, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, family: str, dtype: str, max_chars: int) -> None:
     from tokenizers import Tokenizer
 
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), family=family, dtype=np.dtype(dtype))
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker.update(tokenizer=tokenizer, encode=batch_encoder(tokenizer), family=family, dtype=np.dtype(dtype),
+                   max_chars=max_chars, joined=joined_encoder(tokenizer, EOS) if family == "gpt" else None)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts` back to back, and each text's length in tokens."""
-    arrays = encode_documents(_worker["tokenizer"], texts, _worker["family"])
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-    return tokens.astype(_worker["dtype"]), lengths
+def _encode(texts: list[str], ends: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `texts` back to back, and each text's length in tokens (ends: see encode_documents)."""
+    w = _worker
+    tokens, lengths = encode_stream(w["tokenizer"], texts, w["family"], w["max_chars"], w["encode"], ends, w["joined"])
+    return tokens.astype(w["dtype"]), lengths
 
 
 class _Encoder:
     """Encodes batches in order: in this process (workers=1) or in a pool, at most 2 batches per worker
     in flight, so memory does not grow with the corpus."""
 
-    def __init__(self, tokenizer, family: str, dtype: np.dtype, workers: int):
+    def __init__(self, tokenizer, family: str, dtype: np.dtype, workers: int, max_chars: int):
         self.workers = workers
         self.pending: deque = deque()
         self.pool = None
-        args = (tokenizer.to_str(), family, dtype.name)
+        args = (tokenizer.to_str(), family, dtype.name, max_chars)
+        batch_encoder(Tokenizer.from_str(args[0]))  # converted (or refused, said once) here, before the fork
         if workers == 1:
             _init_worker(*args)
             return
@@ -183,12 +202,12 @@ class _Encoder:
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
 
-    def submit(self, texts: list[str], meta) -> Iterator[tuple]:
+    def submit(self, texts: list[str], ends: list[bool], meta) -> Iterator[tuple]:
         """Queue a batch; yield (meta, tokens, lengths) of batches finished in submission order."""
         if self.pool is None:
-            yield (meta, *_encode(texts))
+            yield (meta, *_encode(texts, ends))
             return
-        self.pending.append((meta, self.pool.apply_async(_encode, (texts,))))
+        self.pending.append((meta, self.pool.apply_async(_encode, (texts, ends))))
         while len(self.pending) > 2 * self.workers:
             meta, result = self.pending.popleft()
             yield (meta, *result.get())
@@ -247,45 +266,36 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
         print(f"kept {resumed} finished shards; encoding from document "
               f"{min(skip_until.values()):,}", file=sys.stderr)
 
+    # made before the progress bar, so that its one log line (which encoder) stands on its own line
+    encoder = None if config.executor else _Encoder(tokenizer, family, dtype, workers, config.max_document_chars)
     stats = CorpusStats()
     total_bytes = sum(p.stat().st_size for p in resolve_corpus_files(sources)) if sources else 0
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing ({workers} worker"
-               f"{'s' if workers > 1 else ''})", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    encoder = _Encoder(tokenizer, family, dtype, workers)
-    encoded_bytes = 0
+               f"{'s' if workers > 1 else ''})", disable=not progress or bool(config.executor), file=sys.stderr,
+               dynamic_ncols=True)
+    if progress and config.executor:
+        print(f"tokenizing as datatrove tasks (executor {config.executor}; logs in {root / 'logs' / 'encode'})",
+              file=sys.stderr)
 
     def write(meta, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        indices, to_val = meta
+        indices, to_val, ends = meta
         for name, mask in (("train", ~to_val), ("val", to_val)):
             keep = mask & (lengths > 0)
-            if keep.any():
-                writers[name].add_many(tokens[np.repeat(keep, lengths)], lengths[keep], indices[keep])
+            if keep.all():
+                writers[name].add_many(tokens, lengths, indices, ends)
+            elif keep.any():
+                writers[name].add_many(tokens[np.repeat(keep, lengths)], lengths[keep], indices[keep], ends[keep])
 
     try:
-        texts, indices, to_val, size = [], [], [], 0
-        for index, doc in enumerate(documents(stats)):
-            val = by_document and is_validation(doc.text, config.split.val_fraction)
-            if index >= skip_until["val" if val else "train"]:
-                texts.append(doc.text)
-                indices.append(index)
-                to_val.append(val)
-                size += len(doc.text)
-            if size >= ENCODE_BATCH_BYTES:
-                encoded_bytes += size
-                for done_batch in encoder.submit(texts, (np.asarray(indices), np.asarray(to_val, dtype=bool))):
-                    write(*done_batch)
-                texts, indices, to_val, size = [], [], [], 0
-            bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
-            if index % 1000 == 0:
-                bar.set_postfix(docs=f"{stats.documents:,}", refresh=False)
-        if texts:
-            encoded_bytes += size
-            for done_batch in encoder.submit(texts, (np.asarray(indices), np.asarray(to_val, dtype=bool))):
-                write(*done_batch)
-        for done_batch in encoder.drain():
-            write(*done_batch)
+        if encoder is None:
+            stats = _encode_as_tasks(config, family, root, tokenizer, dtype, sources, fmt, curated is not None,
+                                     workers, skip_until, write)
+            encoded_bytes = stats.bytes
+        else:
+            encoded_bytes = _encode_here(config, documents(stats), stats, by_document, skip_until, encoder, write, bar)
     finally:
-        encoder.close()
+        if encoder is not None:
+            encoder.close()
         bar.set_postfix(docs=f"{stats.documents:,}")
         bar.close()
     if stats.documents == 0:
@@ -334,6 +344,98 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     return manifest
 
 
+def _encode_here(config: DataConfig, docs: Iterator[Document], stats: CorpusStats, by_document: bool,
+                 skip_until: dict, encoder: "_Encoder", write, bar) -> int:
+    """Encode the document stream with this process's pool, in batches of ENCODE_BATCH_BYTES; return the
+    characters encoded."""
+    texts: list[str] = []
+    indices: list[int] = []
+    to_val: list[bool] = []
+    ends: list[bool] = []
+
+    def submit() -> Iterator[tuple]:
+        meta = (np.asarray(indices, dtype=np.int64), np.asarray(to_val, dtype=bool), np.asarray(ends, dtype=bool))
+        # copies: the pool pickles the submitted lists later, in its own thread, and these are reused
+        yield from encoder.submit(texts.copy(), ends.copy(), meta)
+        for values in (texts, indices, to_val, ends):
+            values.clear()
+
+    size = encoded_bytes = 0
+    max_chars = config.max_document_chars
+    for index, doc in enumerate(docs):
+        val = by_document and is_validation(doc.text, config.split.val_fraction)
+        if index >= skip_until["val" if val else "train"]:
+            # a long document goes in pieces, each in the batch it fills: memory is bounded by a piece
+            pieces = iter_pieces(doc.text, max_chars) if len(doc.text) > max_chars else iter((doc.text,))
+            piece = next(pieces)
+            while piece is not None:
+                following = next(pieces, None)
+                texts.append(piece)
+                indices.append(index)
+                to_val.append(val)
+                ends.append(following is None)
+                size += len(piece)
+                if size >= ENCODE_BATCH_BYTES:
+                    encoded_bytes += size
+                    for done_batch in submit():
+                        write(*done_batch)
+                    size = 0
+                piece = following
+        if index % 1000 == 0:
+            bar.update(stats.bytes - bar.n)  # the corpus reader already counted the bytes it yielded
+            bar.set_postfix(docs=f"{stats.documents:,}", refresh=False)
+    bar.update(stats.bytes - bar.n)
+    if texts:
+        encoded_bytes += size
+        for done_batch in submit():
+            write(*done_batch)
+    for done_batch in encoder.drain():
+        write(*done_batch)
+    return encoded_bytes
+
+
+def _encode_as_tasks(config: DataConfig, family: str, root: Path, tokenizer, dtype: np.dtype, sources, fmt: str,
+                     curated: bool, workers: int, skip_until: dict, write) -> CorpusStats:
+    """Encode the corpus as datatrove tasks (see prepare_tasks), then feed their parts to `write` in corpus
+    order, with the document indices a local prepare gives; return the corpus statistics."""
+    from lmforge.data.prepare_tasks import EncodeFiles, make_executor, read_parts, run_tasks
+
+    files = [str(p) for p in resolve_corpus_files(sources)] if sources else []
+    parts = root / "parts"
+    with writing(parts):
+        parts.mkdir(exist_ok=True)
+    step = EncodeFiles(files, str(parts), tokenizer.to_str(), family, dtype.name, config.max_document_chars,
+                       config.split.by == "document", config.split.val_fraction, fmt,
+                       "text" if curated else config.text_field, config.txt_documents, config.encoding_errors)
+    tasks = max(1, min(config.tasks or len(files), len(files)))
+    batch_encoder(tokenizer)  # says here, once, when the tasks will encode with tokenizers
+    logs = root / "logs" / "encode"
+    executor = make_executor(config.executor, step, tasks, max(1, min(workers, tasks)), logs,
+                             config.slurm_partition, config.slurm_time)
+    run_tasks(executor, config.executor, logs)
+    stats = CorpusStats()
+    first = 0
+    for tokens, lengths, to_val, part_stats in read_parts(parts, len(files), dtype):
+        for key, value in part_stats.items():
+            setattr(stats, key, getattr(stats, key) + value)
+        stops = np.cumsum(lengths)
+        # runs of documents of about 1M tokens: memory stays bounded whatever a part's size
+        cuts = [0, *np.searchsorted(stops, np.arange(1 << 20, int(stops[-1]) if len(stops) else 0, 1 << 20)), len(lengths)]
+        for a, b in zip(cuts, cuts[1:]):
+            if b <= a:
+                continue
+            begin = int(stops[a - 1]) if a else 0
+            indices = np.arange(first + a, first + b, dtype=np.int64)
+            val, counts = to_val[a:b], lengths[a:b]
+            run = np.asarray(tokens[begin:int(stops[b - 1])])
+            fresh = indices >= np.where(val, skip_until["val"], skip_until["train"])  # resumed: not yet in shards
+            if not fresh.all():
+                run, counts, indices, val = run[np.repeat(fresh, counts)], counts[fresh], indices[fresh], val[fresh]
+            write((indices, val, np.ones(len(counts), dtype=bool)), run, counts)
+        first += len(lengths)
+    return stats
+
+
 def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documents, progress: bool):
     """The store's tokenizer: the one an interrupted run already saved, a given one, or trained now."""
     saved = root / "tokenizer.json"
@@ -341,17 +443,27 @@ def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documen
         tokenizer = load_tokenizer(saved)
         if tokenizer_sha256(tokenizer) == state["tokenizer_sha256"]:
             return tokenizer
-    state.pop("splits", None)  # shards encoded by another tokenizer are worthless
+    state.pop("splits", None)  # shards (and task parts) encoded by another tokenizer are worthless
+    for scratch in ("parts", "logs"):
+        shutil.rmtree(root / scratch, ignore_errors=True)
     if config.tokenizer.path:
         tokenizer = load_tokenizer(config.tokenizer.path)
     else:
         if progress:
             print(f"training a {config.tokenizer.kind} tokenizer ...", file=sys.stderr)
         by_document = config.split.by == "document"
-        train_texts = (d.text for d in documents()
-                       if not (by_document and is_validation(d.text, config.split.val_fraction)))
+        # Long documents go to the trainer in pieces cut at spaces (the same words, so the same tokenizer): the
+        # trainer buffers hundreds of texts at once, and one huge document must not blow its memory.
+        piece_chars = min(config.max_document_chars, TRAIN_PIECE_CHARS)
+        train_texts = (piece for d in documents()
+                       if not (by_document and is_validation(d.text, config.split.val_fraction))
+                       for piece in iter_pieces(d.text, piece_chars))
         tokenizer = train_tokenizer(train_texts, config.tokenizer, family, show_progress=progress)
-    tokenizer.save(str(saved))
+    try:
+        tokenizer.save(str(saved))
+    except Exception as exc:  # the Rust side raises plain Exception for an OSError
+        raise StoreWriteError(f"cannot write {saved}: {exc}; free space or fix the directory's permissions, "
+                              f"then re-run") from None
     state["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
     _save_progress(root, state)
     return tokenizer

@@ -13,21 +13,48 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.fileio import sha256_file, write_atomic  # noqa: F401 (re-used by prepare)
+from lmforge.fileio import sha256_file  # noqa: F401 (re-used by prepare)
+from lmforge.fileio import write_atomic as _write_atomic
 
 FORMAT = "lmforge-token-store"
 VERSION = 1
 
 
+class StoreWriteError(LmforgeError):
+    """A store file could not be written (full disk, unwritable directory); a re-run resumes once fixed."""
+
+
+@contextmanager
+def writing(path: Path, leftovers: tuple[Path, ...] = ()) -> Iterator[None]:
+    """Turn an OSError while writing `path` into one line naming it; remove `leftovers` (temp files) first."""
+    try:
+        yield
+    except OSError as exc:
+        for leftover in leftovers:
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise StoreWriteError(f"cannot write {path}: {exc.strerror or exc}; free space or fix the directory's "
+                              f"permissions, then re-run (finished shards are kept)") from None
+
+
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """fileio.write_atomic (no temp file left on failure), a failure being one line naming `path`."""
+    with writing(path):
+        _write_atomic(path, data)
 
 
 class SplitWriter:
@@ -42,13 +69,15 @@ class SplitWriter:
                  shards: list[dict[str, Any]] | None = None, on_shard: Callable[[dict], None] | None = None):
         self.root, self.name, self.dtype, self.shard_tokens = root, name, dtype, shard_tokens
         self.on_shard = on_shard
-        (root / name).mkdir(parents=True, exist_ok=True)
+        with writing(root / name):
+            (root / name).mkdir(parents=True, exist_ok=True)
         self.shards: list[dict[str, Any]] = list(shards or [])
         self._file: IO[bytes] | None = None
         self._digest = hashlib.sha256()
         self._starts: list[np.ndarray] = []
         self._buffered = 0
         self._end_document = self.shards[-1]["end_document"] if self.shards else 0
+        self._last_document = -1  # stream index of the last piece added: a piece with the same one continues it
 
     @property
     def next_document(self) -> int:
@@ -59,31 +88,68 @@ class SplitWriter:
         """Append one document; `document` is its index in the input stream (recorded for resumption)."""
         self.add_many(np.asarray(ids), np.asarray([len(ids)]), np.asarray([document]))
 
-    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, documents: np.ndarray) -> None:
-        """Append documents given back to back (`lengths[i]` tokens each, stream indices `documents`).
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, documents: np.ndarray,
+                 ends: np.ndarray | None = None) -> None:
+        """Append pieces given back to back (`lengths[i]` tokens each, stream indices `documents`).
 
-        Cuts shards exactly where adding the documents one at a time would.
+        A piece with the document index of the piece before it (in this or the previous call) continues
+        that document. ends[i] False: piece i does not end its document, so no shard is cut after it.
+        Cuts shards exactly where adding whole documents one at a time would: at the first document end
+        that brings the open shard to shard_tokens.
         """
-        ends = np.cumsum(lengths, dtype=np.int64)
+        ends = np.ones(len(lengths), dtype=bool) if ends is None else np.asarray(ends, dtype=bool)
+        stops = np.cumsum(lengths, dtype=np.int64)
+        begins = np.empty(len(lengths), dtype=bool)  # whether piece i starts a new document
+        if len(lengths):
+            begins[0] = int(documents[0]) != self._last_document or int(documents[0]) < 0
+            begins[1:] = (documents[1:] != documents[:-1]) | (documents[1:] < 0)
+            self._last_document = int(documents[-1])
         first = 0
         while first < len(lengths):
-            base = int(ends[first - 1]) if first else 0
-            # the first document that brings the open shard to shard_tokens ends it
-            last = min(int(np.searchsorted(ends, base + self.shard_tokens - self._buffered)), len(lengths) - 1)
-            if self._file is None:
-                self._file = open(self.root / f"{self._stem(len(self.shards))}.bin.tmp", "wb")
-            self._starts.append(np.concatenate([[base], ends[first:last]]) - base + self._buffered)
-            data = tokens[base:int(ends[last])].astype(self.dtype, copy=False).tobytes()
-            self._file.write(data)
+            base = int(stops[first - 1]) if first else 0
+            last = min(int(np.searchsorted(stops, base + self.shard_tokens - self._buffered)), len(lengths) - 1)
+            if not ends[last]:  # the shard may only end where a document does
+                later = np.flatnonzero(ends[last:])
+                last = last + int(later[0]) if len(later) else len(lengths) - 1
+            data = tokens[base:int(stops[last])].astype(self.dtype, copy=False).tobytes()
+            with self._guard():
+                if self._file is None:
+                    self._file = open(self._tmp_path(), "wb")
+                self._file.write(data)
+            piece_starts = np.concatenate([[base], stops[first:last]])[begins[first:last + 1]]
+            self._starts.append(piece_starts - base + self._buffered)
             self._digest.update(data)
-            self._buffered += int(ends[last]) - base
-            self._end_document = int(documents[last]) + 1
-            if self._buffered >= self.shard_tokens:
-                self._close_shard()
+            self._buffered += int(stops[last]) - base
+            if ends[last]:
+                self._end_document = int(documents[last]) + 1
+                if self._buffered >= self.shard_tokens:
+                    self._close_shard()
             first = last + 1
 
     def _stem(self, index: int) -> str:
         return f"{self.name}/shard-{index:05d}"
+
+    def _tmp_path(self) -> Path:
+        return self.root / f"{self._stem(len(self.shards))}.bin.tmp"
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """On a failed write, close and remove the shard being written (never leave a .tmp behind)."""
+        try:
+            with writing(self._tmp_path().with_suffix(""), (self._tmp_path(),)):
+                try:
+                    yield
+                except OSError:
+                    if self._file is not None:
+                        try:
+                            self._file.close()
+                        except OSError:
+                            pass
+                        self._file = None
+                    raise
+        except StoreWriteError:
+            self._digest, self._starts, self._buffered = hashlib.sha256(), [], 0
+            raise
 
     def flush(self) -> None:
         """Finish the shard being written, if it holds anything."""
@@ -92,13 +158,14 @@ class SplitWriter:
 
     def _close_shard(self) -> None:
         assert self._file is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
         stem = self._stem(len(self.shards))
+        with self._guard():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            os.replace(self.root / f"{stem}.bin.tmp", self.root / f"{stem}.bin")
         starts = np.concatenate(self._starts)
-        os.replace(self.root / f"{stem}.bin.tmp", self.root / f"{stem}.bin")
         write_atomic(self.root / f"{stem}.idx", starts.tobytes())
         entry = {"bin": f"{stem}.bin", "idx": f"{stem}.idx", "tokens": self._buffered, "documents": len(starts),
                  "sha256": self._digest.hexdigest(), "idx_sha256": hashlib.sha256(starts.tobytes()).hexdigest(),
@@ -129,13 +196,33 @@ class SplitWriter:
                 "shards": self.shards}
 
 
+def shard_problem(root: Path, entry: dict[str, Any], dtype: np.dtype, vocab_size: int | None) -> str | None:
+    """What is wrong with a finished shard (missing, wrong size, sha256 mismatch, an id outside the
+    vocabulary), or None. One pass over the tokens computes both the sha256 and the largest id."""
+    bin_path, idx_path = root / entry["bin"], root / entry["idx"]
+    for path, size in ((bin_path, entry["tokens"] * dtype.itemsize), (idx_path, entry["documents"] * 8)):
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, the manifest says {size:,}"
+    digest, top = hashlib.sha256(), -1
+    with open(bin_path, "rb") as fh:
+        while block := fh.read(1 << 22):  # a multiple of the item size: the file's size was checked
+            digest.update(block)
+            if vocab_size is not None:
+                top = max(top, int(np.frombuffer(block, dtype=dtype).max()))
+    if digest.hexdigest() != entry["sha256"]:
+        return f"{bin_path} is corrupt (its sha256 differs from the manifest's)"
+    if vocab_size is not None and top >= vocab_size:
+        return f"{bin_path} holds token id {top}, outside the vocabulary of {vocab_size:,}"
+    if "idx_sha256" in entry and sha256_file(idx_path) != entry["idx_sha256"]:
+        return f"{idx_path} is corrupt (its sha256 differs from the manifest's)"
+    return None
+
+
 def shard_is_intact(root: Path, entry: dict[str, Any], dtype: np.dtype) -> bool:
     """Whether a finished shard's files are on disk with the sizes and sha256 its entry records."""
-    bin_path, idx_path = root / entry["bin"], root / entry["idx"]
-    return (bin_path.is_file() and idx_path.is_file()
-            and bin_path.stat().st_size == entry["tokens"] * dtype.itemsize
-            and idx_path.stat().st_size == entry["documents"] * 8
-            and sha256_file(bin_path) == entry["sha256"] and sha256_file(idx_path) == entry["idx_sha256"])
+    return shard_problem(root, entry, dtype, None) is None
 
 
 def move_tail(source: SplitWriter, target: SplitWriter, n_tokens: int) -> None:
@@ -210,8 +297,12 @@ class SplitReader:
         return tokens
 
 
+# Shards this process has verified (path, size, mtime, sha256): checked once per process, at first open.
+_verified: set[tuple] = set()
+
+
 class TokenStore:
-    """A finished store on disk; refuses what it does not understand."""
+    """A finished store on disk; refuses what it does not understand, and shards that fail their checksum."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -244,10 +335,8 @@ class TokenStore:
             info = self.manifest["splits"][name]
             shards, sizes, starts = [], [0], []
             for shard in info["shards"]:
+                self._check_once(shard)
                 path = self.path / shard["bin"]
-                expected = shard["tokens"] * self.dtype.itemsize
-                if not path.is_file() or path.stat().st_size != expected:
-                    raise LmforgeError(f"token store shard {path} is missing or has the wrong size; re-run prepare")
                 shards.append(np.memmap(path, dtype=self.dtype, mode="r") if shard["tokens"] else
                               np.zeros(0, dtype=self.dtype))
                 starts.append(np.fromfile(self.path / shard["idx"], dtype=np.int64) + sizes[-1])
@@ -256,15 +345,25 @@ class TokenStore:
             self._readers[name] = SplitReader(shards, np.asarray(sizes, dtype=np.int64), doc_starts)
         return self._readers[name]
 
+    def _check_once(self, shard: dict[str, Any]) -> None:
+        path = self.path / shard["bin"]
+        try:
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, shard["sha256"])
+        except OSError:
+            key = None
+        if key is not None and key in _verified:
+            return
+        problem = shard_problem(self.path, shard, self.dtype, self.manifest.get("vocab_size"))
+        if problem is not None:
+            raise LmforgeError(f"token store {self.path}: {problem}; remove the store and re-run prepare")
+        _verified.add(key)
+
     def verify(self) -> list[str]:
-        """Names of shards whose sha256 no longer matches the manifest."""
-        bad = []
-        for info in self.manifest["splits"].values():
-            for shard in info["shards"]:
-                path = self.path / shard["bin"]
-                if not path.is_file() or sha256_file(path) != shard["sha256"]:
-                    bad.append(shard["bin"])
-        return bad
+        """Everything wrong with the store's shards (empty when every shard is whole), checked now."""
+        vocab_size = self.manifest.get("vocab_size")
+        return [problem for info in self.manifest["splits"].values() for shard in info["shards"]
+                if (problem := shard_problem(self.path, shard, self.dtype, vocab_size)) is not None]
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
