@@ -10,6 +10,8 @@ A pure function of (tokenizer, texts), so any number of worker processes produce
 
 from __future__ import annotations
 
+import hashlib
+
 import re
 from typing import Callable, Iterator
 
@@ -150,3 +152,9 @@ def _with_end(ids: np.ndarray, lengths: list[int], end: int) -> np.ndarray:
     out[mask] = ids
     out[stops] = end
     return out
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """A document's split depends only on its text, so it never changes with file order or workers."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction

@@ -32,6 +32,7 @@ from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_
                                 shard_is_intact, write_atomic, write_manifest, writing)
 from lmforge.data.encode import boundary_token, encode_stream, iter_pieces
 from lmforge.data.fast_encoder import batch_encoder, joined_encoder
+from lmforge.data.encode import is_validation
 from lmforge.data.prepare_tasks import TasksUnfinished
 from lmforge.data.tokenizer import EOS, load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
@@ -73,12 +74,6 @@ def store_location(config: DataConfig, family: str, fingerprint: str | None = No
 
 def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
-
-
-def is_validation(text: str, val_fraction: float) -> bool:
-    """A document's split depends only on its text, so it never changes with file order or workers."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
 def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = None,

@@ -66,7 +66,7 @@ class EncodeFiles:
 
     def _encode_file(self, number: int, tokenizer, encode, joined, encode_stream) -> None:
         from lmforge.data.corpus import CorpusStats, iter_documents
-        from lmforge.data.prepare import is_validation
+        from lmforge.data.encode import is_validation
 
         stem = Path(self.parts) / f"{number:06d}"
         stats = CorpusStats()
