@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-from lmforge.config import ParallelConfig, apply_overrides, check_seed, from_dict, read_yaml
+from lmforge.config import RECIPES_DIR, ParallelConfig, apply_overrides, check_seed, from_dict, read_yaml
 from lmforge.errors import LmforgeError
 from lmforge.model.config import ModelConfig
-from lmforge.tasks.metrics import check_metric_names, selection_metric
+from lmforge.tasks.metrics import KIND_METRICS, check_metric_names, selection_metric
 
 DEFAULT_GLUE_ROOT = "../shared/data/glue"  # relative to the working directory, as the shipped recipes' corpora
 TASK_YAML = "task.yaml"
@@ -31,8 +31,11 @@ class TaskConfig:
     name: str = "task"
     path: str = ""  # the task directory
     # generation: prompt/response pairs (text = the prompt, label = the response) for decoders
-    kind: Literal["classification", "regression", "generation"] = "classification"
-    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"  # auto: from each file's suffix
+    # tokens: a tag per word (NER); span: an answer span in a passage (SQuAD); seq2seq: input text -> target text
+    kind: Literal["classification", "regression", "generation", "tokens", "span", "seq2seq"] = "classification"
+    # auto: from each file's suffix (.conll/.txt: conll, .json: squad); conll: word-per-line columns (tokens);
+    # squad: SQuAD v1.1 JSON (span); parallel: PREFIX.LANG[.gz] line files (seq2seq)
+    format: Literal["auto", "tsv", "csv", "jsonl", "conll", "squad", "parallel"] = "auto"
     header: bool = True  # tsv/csv: the first row names the columns
     text: Column = "text"
     text_pair: Optional[Column] = None  # the second sentence of pair tasks; None: single-sentence
@@ -45,6 +48,25 @@ class TaskConfig:
     train_file: Optional[str] = None  # relative to path; None: train.tsv, train.csv or train.jsonl
     dev_file: Optional[str] = None
     encoding: str = "utf-8"  # a UTF-8 byte-order mark is dropped either way
+    # Structured kinds (tokens, span, seq2seq); JSONL fields are `text` and `label` (defaults: tokens/tags
+    # for tokens, input/target for seq2seq).
+    word_column: int = 0  # tokens, conll: the word's column (0-based; negative counts from the end)
+    tag_column: int = -1  # tokens, conll: the tag's column (-1: the last)
+    scheme: Literal["IOB1", "IOB2", "BIOES"] = "IOB2"  # tokens: the tagging scheme of the files
+    entity_mode: Literal["conlleval", "strict"] = "conlleval"  # tokens: seqeval's default chunking, or strict
+    label_all_subwords: bool = False  # tokens: every subword carries its word's tag (else one only)
+    # tokens: the subword a word is labelled and predicted at; last suits a causal (GPT) model, which
+    # reads the whole word only there
+    label_subword: Literal["first", "last"] = "first"
+    stride: Optional[int] = None  # tokens / span: tokens shared by consecutive windows; None: 32 / 128
+    max_answer_length: int = 30  # span: the longest answer predicted, in tokens
+    held_out_articles: int = 0  # span: > 0: dev = this many whole articles of the train file, drawn by split_seed
+    split_seed: int = 0
+    source_language: Optional[str] = None  # seq2seq, parallel: the input side's suffix (train.en.gz: en)
+    target_language: Optional[str] = None
+    prompt: str = "{input}\n"  # seq2seq on a decoder: the text before the target ({input}: the input)
+    max_target_length: int = 128  # seq2seq: target tokens trained on and generated at most
+    strict: bool = False  # bad pairs / QA offsets / over-long inputs are errors instead of skipped or cut and counted
 
     def validate(self, prefix: str = "task") -> "TaskConfig":
         if not Path(self.path).is_dir():
@@ -53,6 +75,8 @@ class TaskConfig:
             codecs.lookup(self.encoding)
         except LookupError:
             raise LmforgeError(f"{prefix}.encoding: unknown encoding {self.encoding!r}") from None
+        if self.kind in KIND_METRICS:
+            return self._validate_structured(prefix)
         if self.kind == "generation":
             for key in ("text_pair", "labels", "positive_label", "metrics", "select_metric"):
                 if getattr(self, key) is not None:
@@ -83,6 +107,58 @@ class TaskConfig:
                                    f"{self.labels}")
         return self._check_columns(prefix)
 
+    def _validate_structured(self, prefix: str) -> "TaskConfig":
+        """The checks of the tokens / span / seq2seq kinds."""
+        formats = STRUCTURED_FORMATS[self.kind]
+        if self.format not in formats:
+            raise LmforgeError(f"{prefix}.format {self.format!r} does not apply to a {self.kind} task "
+                               f"(choose from {', '.join(formats)})")
+        for key in ("text_pair", "positive_label"):
+            if getattr(self, key) is not None:
+                raise LmforgeError(f"{prefix}.{key} does not apply to a {self.kind} task")
+        if self.labels is not None and self.kind != "tokens":
+            raise LmforgeError(f"{prefix}.labels does not apply to a {self.kind} task")
+        if self.metrics is None:
+            self.metrics = list(KIND_METRICS[self.kind])
+        if self.stride is None and self.kind in DEFAULT_STRIDE:
+            self.stride = DEFAULT_STRIDE[self.kind]
+        try:
+            check_metric_names(self.metrics, self.kind)
+            self.select_metric = selection_metric(self.metrics, self.select_metric)
+        except LmforgeError as err:
+            raise LmforgeError(f"{prefix}.metrics: {err}") from None
+        if self.stride is not None and self.stride < 0:
+            raise LmforgeError(f"{prefix}.stride must be >= 0 tokens, got {self.stride}")
+        for key in ("max_answer_length", "max_target_length"):
+            if getattr(self, key) <= 0:
+                raise LmforgeError(f"{prefix}.{key} must be positive, got {getattr(self, key)}")
+        if self.held_out_articles < 0 or (self.held_out_articles and self.kind != "span"):
+            raise LmforgeError(f"{prefix}.held_out_articles splits a span task's file by article (>= 0), "
+                               f"got {self.held_out_articles}")
+        if self.held_out_articles and self.dev_file is not None:
+            raise LmforgeError(f"{prefix}.held_out_articles takes the dev split from the train file; "
+                               f"{prefix}.dev_file names another one (set one of them)")
+        if self.kind == "tokens":
+            if self.word_column == self.tag_column:
+                raise LmforgeError(f"{prefix}.word_column and {prefix}.tag_column are both {self.word_column}")
+            # that every tag fits the scheme is checked with the files (tagging.load_tagging_task)
+            if self.labels is not None and len(set(self.labels)) != len(self.labels):
+                raise LmforgeError(f"{prefix}.labels lists a tag twice: {self.labels}")
+        parallel = self.format == "parallel"
+        languages = (self.source_language, self.target_language)
+        if parallel and None in languages:
+            raise LmforgeError(f"{prefix}.format parallel needs {prefix}.source_language and "
+                               f"{prefix}.target_language (the file suffixes, e.g. en and de)")
+        if not parallel and languages != (None, None):
+            raise LmforgeError(f"{prefix}.source_language / target_language name the sides of format parallel")
+        if self.kind == "seq2seq" and "{input}" not in self.prompt:
+            raise LmforgeError(f"{prefix}.prompt must contain {{input}}, got {self.prompt!r}")
+        if self.format in ("jsonl", "auto"):
+            for key in ("text", "label"):
+                if isinstance(getattr(self, key), int):
+                    raise LmforgeError(f"{prefix}.{key}: JSONL fields are named, got the index {getattr(self, key)}")
+        return self
+
     def _check_columns(self, prefix: str) -> "TaskConfig":
         columns = [(k, getattr(self, k)) for k in ("text", "text_pair", "label") if getattr(self, k) is not None]
         for key, column in columns:
@@ -97,6 +173,13 @@ class TaskConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+STRUCTURED_FORMATS = {"tokens": ("auto", "conll", "jsonl"), "span": ("auto", "squad"),
+                      "seq2seq": ("auto", "jsonl", "tsv", "csv", "parallel")}
+# JSONL field names of the structured kinds when task.text / task.label are not given.
+STRUCTURED_FIELDS = {"tokens": ("tokens", "tags"), "seq2seq": ("input", "target")}
+DEFAULT_STRIDE = {"tokens": 32, "span": 128}
 
 
 # Canonical name -> (folder name in the GLUE distribution, TaskConfig keys). Layouts as in
@@ -145,21 +228,61 @@ def _locate(task: str, data_root: Optional[str | os.PathLike]) -> tuple[Path, Op
     return folder.resolve(), name
 
 
+def task_recipe(task: str) -> Optional[Path]:
+    """The task recipe `task` names, if any: a .yaml file, or a shipped configs/NAME.yaml with a `task` section."""
+    path = Path(task).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    if path.is_dir() or os.sep in task or not task:
+        return None
+    shipped = RECIPES_DIR / f"{task}.yaml"
+    return shipped if shipped.is_file() and "task" in read_yaml(shipped) else None
+
+
+def _recipe_section(recipe: Path, section: str) -> dict[str, Any]:
+    data = read_yaml(recipe).get(section, {})
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{recipe}: `{section}` must be a mapping of keys, got {data!r}")
+    return data
+
+
+def recipe_finetune(task: str | os.PathLike) -> dict[str, Any]:
+    """The `finetune` settings a task recipe states (its budget and learning rate); {} for anything else."""
+    recipe = task_recipe(str(task))
+    return _recipe_section(recipe, "finetune") if recipe is not None else {}
+
+
 def resolve_task_config(task: str | os.PathLike, data_root: Optional[str | os.PathLike] = None,
                         overrides: Sequence[str] = ()) -> TaskConfig:
-    """TaskConfig for a task directory or GLUE name: the GLUE layout, then task.yaml, then `key=value` overrides."""
-    folder, name = _locate(str(task), data_root)
-    data: dict[str, Any] = {"name": name or folder.name}
-    if name is not None:
-        data.update(GLUE_TASKS[name][1])
-    yaml_path = folder / TASK_YAML
-    if yaml_path.is_file():
-        data.update(read_yaml(yaml_path))
-    data["path"] = str(folder)
-    apply_overrides(data, list(overrides))
+    """TaskConfig for a task recipe, task directory or GLUE name: the GLUE layout, then task.yaml, then
+    `key=value` overrides. A recipe's `task` section names its directory in `path`, relative to the
+    working directory (as the shipped recipes' corpora)."""
+    recipe = task_recipe(str(task))
+    if recipe is not None:
+        data: dict[str, Any] = {"name": recipe.stem, **_recipe_section(recipe, "task")}
+        apply_overrides(data, list(overrides))
+        folder = Path(str(data.get("path", ""))).expanduser()
+        if not data.get("path") or not folder.is_dir():
+            raise LmforgeError(f"{recipe}: task.path must be the task's data directory, got {data.get('path')!r} "
+                               f"(relative to the working directory {Path.cwd()})")
+        data["path"] = str(folder.resolve())
+        yaml_path = recipe
+    else:
+        folder, name = _locate(str(task), data_root)
+        data = {"name": name or folder.name}
+        if name is not None:
+            data.update(GLUE_TASKS[name][1])
+        yaml_path = folder / TASK_YAML
+        if yaml_path.is_file():
+            data.update(read_yaml(yaml_path))
+        data["path"] = str(folder)
+        apply_overrides(data, list(overrides))
     if data.get("kind") == "generation":  # JSONL prompt/response files by default
         data.setdefault("text", "prompt")
         data.setdefault("label", "response")
+    if data.get("kind") in STRUCTURED_FIELDS:
+        data.setdefault("text", STRUCTURED_FIELDS[data["kind"]][0])
+        data.setdefault("label", STRUCTURED_FIELDS[data["kind"]][1])
     # YAML reads `labels: [0, 1]` as integers; labels are compared as the strings in the files.
     if isinstance(data.get("labels"), list):
         data["labels"] = [label_text(v) for v in data["labels"]]
@@ -170,6 +293,23 @@ def resolve_task_config(task: str | os.PathLike, data_root: Optional[str | os.Pa
         return from_dict(TaskConfig, data).validate()
     except LmforgeError as err:
         raise LmforgeError(f"{where}: {err}") from None
+
+
+def find_split_file(config: TaskConfig, split: str, suffixes: Sequence[str]) -> Path:
+    """The file of `split` of a structured task: {split}_file if set, else the one {split}{suffix} present."""
+    folder = Path(config.path)
+    given = getattr(config, f"{split}_file")
+    if given is not None:
+        path = folder / given
+        if not path.is_file() and config.format != "parallel":
+            raise LmforgeError(f"{path}: no such file (set by task.{split}_file)")
+        return path
+    found = [folder / f"{split}{s}" for s in suffixes if (folder / f"{split}{s}").is_file()]
+    if len(found) != 1:
+        problem = "no" if not found else "more than one"
+        raise LmforgeError(f"{folder}: {problem} {split} file (looked for {', '.join(split + s for s in suffixes)}; "
+                           f"set task.{split}_file)")
+    return found[0]
 
 
 @dataclass

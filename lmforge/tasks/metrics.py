@@ -8,6 +8,8 @@ best-checkpoint selection always has a number to compare.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -110,11 +112,27 @@ CLASSIFICATION_METRICS: dict[str, Callable[..., float]] = {
 }
 REGRESSION_METRICS: dict[str, Callable[..., float]] = {"pearson": pearson, "spearman": spearman}
 METRICS = {**CLASSIFICATION_METRICS, **REGRESSION_METRICS}
+# The dev metrics of the structured task kinds, computed from decoded outputs by their own modules
+# (tagging.tagging_metrics, qa.squad_scores, seq2seq.seq2seq_metrics), all x100; the first is the default selection.
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "tokens": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy"),
+    "span": ("span_f1", "exact_match"),
+    "seq2seq": ("bleu", "rouge1", "rouge2", "rougeL"),
+}
+
+
+def metric_package(module: str, package: str, kind: str) -> ModuleType:
+    """Import a scoring package of the structured kinds (an optional dependency), or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LmforgeError(f"a {kind} task is scored with the {package} package, which is not installed: "
+                           f"pip install 'lmforge[tasks]'") from None
 
 
 def check_metric_names(names: Sequence[str], kind: str, num_labels: Optional[int] = None) -> None:
     """Refuse unknown metrics, ones that do not fit the task kind, and binary F1 on a multi-class task."""
-    allowed = CLASSIFICATION_METRICS if kind == "classification" else REGRESSION_METRICS
+    allowed = KIND_METRICS.get(kind) or (CLASSIFICATION_METRICS if kind == "classification" else REGRESSION_METRICS)
     if not names:
         raise LmforgeError(f"no metrics given (for {kind}: {', '.join(allowed)})")
     for name in names:
