@@ -4,7 +4,7 @@ wrong, or are read correctly; nothing is lost without a word."""
 import codecs
 import dataclasses
 import json
-import math
+
 import os
 import subprocess
 import sys

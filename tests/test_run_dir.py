@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config_dict
 from lmforge.cli import main
-from lmforge.train import checkpoint as checkpoint_module
+
 from lmforge.train import pretrain as pretrain_module
 from lmforge.train.checkpoint import prune_checkpoints
 from lmforge.train.loop import loss_weights, weighted_loss

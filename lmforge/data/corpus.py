@@ -8,6 +8,8 @@ never a traceback: a file or directory that is skipped is named in a warning and
 
 from __future__ import annotations
 
+import logging
+
 import bz2
 import codecs
 import glob
@@ -16,12 +18,13 @@ import io
 import json
 import lzma
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
 from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
@@ -163,7 +166,7 @@ def iter_documents(
 
 def _skip(stats: CorpusStats, path: Path, why: str) -> None:
     stats.skipped_files.append(f"{path} ({why})")
-    print(f"warning: skipping {path}: {why}", file=sys.stderr)
+    log.warning(f"warning: skipping {path}: {why}")
 
 
 def _iter_file(path: Path, fmt: str, text_field: str, txt_documents: str, encoding_errors: str,
@@ -275,7 +278,7 @@ def _iter_lines(path: Path, lines: Iterator[tuple[int, str | None, bool]], kind:
     replaced_any = False
     for lineno, line, replaced in lines:
         if line is None:
-            print(f"warning: {path}:{lineno}: not valid UTF-8, line skipped", file=sys.stderr)
+            log.warning(f"warning: {path}:{lineno}: not valid UTF-8, line skipped")
             replaced_any = True
             continue
         replaced_any |= replaced
@@ -286,7 +289,7 @@ def _iter_lines(path: Path, lines: Iterator[tuple[int, str | None, bool]], kind:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 stats.bad_json_lines += 1
-                print(f"warning: {path}:{lineno}: malformed JSON line skipped ({exc.msg})", file=sys.stderr)
+                log.warning(f"warning: {path}:{lineno}: malformed JSON line skipped ({exc.msg})")
                 continue
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__

@@ -9,6 +9,8 @@ same byte for byte for any number of workers and any number of interruptions.
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import hashlib
 import json
@@ -36,6 +38,8 @@ from lmforge.data.prepare_tasks import TasksUnfinished
 from lmforge.data.tokenizer import EOS, load_tokenizer, tokenizer_sha256, train_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.fileio import Owner
+
+log = logging.getLogger(__name__)
 
 ENCODE_BATCH_BYTES = 1 << 20  # text per encoding task (a worker's unit of work)
 TRAIN_PIECE_CHARS = 100_000  # longest text handed to the tokenizer trainer (measured: -150 MB on a 50 MB document)
@@ -89,7 +93,7 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
         existing = TokenStore(target).manifest.get("fingerprint")
         if existing == fingerprint:
             if progress:
-                print(f"token store up to date: {target}", file=sys.stderr)
+                log.info(f"token store up to date: {target}")
             return target
         raise LmforgeError(f"{target} holds a token store built from other data or settings; "
                            f"remove it or choose another data.store")
@@ -113,7 +117,7 @@ def _prepare_owned(config: DataConfig, family: str, target: Path, fingerprint: s
             partial.mkdir(parents=True)
         state = {"fingerprint": fingerprint}
     elif progress:
-        print(f"resuming the interrupted prepare in {partial}", file=sys.stderr)
+        log.info(f"resuming the interrupted prepare in {partial}")
     try:
         manifest = _build(config, family, partial, state, workers, progress)
     except (StoreWriteError, TasksUnfinished):  # a full disk, a read-only directory, failed or queued tasks:
@@ -122,7 +126,7 @@ def _prepare_owned(config: DataConfig, family: str, target: Path, fingerprint: s
         shutil.rmtree(partial, ignore_errors=True)
         raise
     except KeyboardInterrupt:
-        print(f"prepare interrupted; the same command resumes from {partial}", file=sys.stderr)
+        log.info(f"prepare interrupted; the same command resumes from {partial}")
         raise
     manifest["fingerprint"] = fingerprint
     write_manifest(partial, manifest)
@@ -267,8 +271,8 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     skip_until = {name: w.next_document for name, w in writers.items()} if by_document else \
         {"train": writers["train"].next_document, "val": 1 << 62}
     if progress and resumed:
-        print(f"kept {resumed} finished shards; encoding from document "
-              f"{min(skip_until.values()):,}", file=sys.stderr)
+        log.info(f"kept {resumed} finished shards; encoding from document "
+              f"{min(skip_until.values()):,}")
 
     # made before the progress bar, so that its one log line (which encoder) stands on its own line
     encoder = None if config.executor else _Encoder(tokenizer, family, dtype, workers, config.max_document_chars)
@@ -278,8 +282,7 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
                f"{'s' if workers > 1 else ''})", disable=not progress or bool(config.executor), file=sys.stderr,
                dynamic_ncols=True)
     if progress and config.executor:
-        print(f"tokenizing as datatrove tasks (executor {config.executor}; logs in {root / 'logs' / 'encode'})",
-              file=sys.stderr)
+        log.info(f"tokenizing as datatrove tasks (executor {config.executor}; logs in {root / 'logs' / 'encode'})")
 
     def write(meta, tokens: np.ndarray, lengths: np.ndarray) -> None:
         indices, to_val, ends = meta
@@ -342,9 +345,9 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
         skipped = f", {len(source['skipped_files'])} files skipped" if source["skipped_files"] else ""
         kept = (f"; curation kept {stats.documents:,} documents ({stats.bytes / 1e6:.1f} MB)" if curated else "")
         rate = encoded_bytes / 1e6 / max(seconds - (curated.seconds if curated else 0.0), 1e-9)
-        print(f"prepared {source['documents']:,} documents ({source['bytes'] / 1e6:.1f} MB{skipped}{kept}) -> "
+        log.info(f"prepared {source['documents']:,} documents ({source['bytes'] / 1e6:.1f} MB{skipped}{kept}) -> "
               f"{parts} in {seconds:.1f}s ({rate:.1f} MB/s tokenizing, {workers} worker"
-              f"{'s' if workers > 1 else ''})", file=sys.stderr)
+              f"{'s' if workers > 1 else ''})")
     return manifest
 
 
@@ -454,7 +457,7 @@ def _tokenizer(config: DataConfig, family: str, root: Path, state: dict, documen
         tokenizer = load_tokenizer(config.tokenizer.path)
     else:
         if progress:
-            print(f"training a {config.tokenizer.kind} tokenizer ...", file=sys.stderr)
+            log.info(f"training a {config.tokenizer.kind} tokenizer ...")
         by_document = config.split.by == "document"
         # Long documents go to the trainer in pieces cut at spaces (the same words, so the same tokenizer): the
         # trainer buffers hundreds of texts at once, and one huge document must not blow its memory.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import hashlib
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -13,6 +14,8 @@ from tokenizers import Encoding, Regex, Tokenizer, decoders, models, normalizers
 
 from lmforge.config import TokenizerConfig
 from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
@@ -170,6 +173,6 @@ def warn_unknown(tokenizer: Tokenizer, texts: Sequence[Union[str, tuple[str, Opt
     if count:
         shown = ", ".join(f"{piece!r}" + (f" x{n}" if n > 1 else "") for piece, n in pieces.most_common(20))
         more = f" and {len(pieces) - 20} more" if len(pieces) > 20 else ""
-        print(f"warning: {count} characters of {what} are not in the tokenizer's vocabulary and became {unk}: "
-              f"{shown}{more}", file=sys.stderr)
+        log.warning(f"warning: {count} characters of {what} are not in the tokenizer's vocabulary and became {unk}: "
+              f"{shown}{more}")
     return count

@@ -25,7 +25,7 @@ import torch
 from lmforge.data.objectives.span import SpanVocab
 from lmforge.errors import LmforgeError
 from lmforge.infer.generate import filter_logits
-from lmforge.model.t5 import PAD_ID, T5, DecoderCache
+from lmforge.model.t5 import PAD_ID, T5
 
 EOS_ID = 1
 NEG = -1.0e9  # the score of an empty slot / a forbidden candidate (large, finite: sums stay ordered)

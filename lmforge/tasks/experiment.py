@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
