@@ -38,3 +38,18 @@ def tiny_config_dict(corpus: Path, **train) -> dict:
                   "eval_every": 15, "eval_batches": 2, "checkpoint_every": 10, "log_every": 1,
                   "sample_tokens": 20, **train},
     }
+
+
+def incremental_logits_error(model, seq, prefix: int = 5) -> float:
+    """Largest difference between a decoder's logits for `seq` in one pass and fed token by token after
+    `prefix` tokens through its KV cache."""
+    full = model(seq).logits
+    out = model(seq[:, :prefix], use_cache=True)
+    logits, past = [out.logits], out.past
+    for t in range(prefix, seq.shape[1]):
+        out = model(seq[:, t:t + 1], past=past, use_cache=True)
+        logits.append(out.logits)
+        past = out.past
+    import torch
+
+    return (torch.cat(logits, dim=1) - full).abs().max().item()

@@ -1,5 +1,6 @@
 import torch
 
+from conftest import incremental_logits_error
 from lmforge.infer.generate import filter_logits, generate
 from lmforge.model import GPT, ModelConfig
 
@@ -23,15 +24,7 @@ def test_generation_is_deterministic_under_a_seed():
 
 def test_kv_cache_logits_equal_full_recomputation():
     model = _model()
-    seq = torch.randint(0, 30, (2, 20))
-    full = model(seq).logits
-    out = model(seq[:, :5], use_cache=True)
-    logits, past = [out.logits], out.past
-    for t in range(5, 20):
-        out = model(seq[:, t:t + 1], past=past, use_cache=True)
-        logits.append(out.logits)
-        past = out.past
-    assert (torch.cat(logits, dim=1) - full).abs().max().item() < 1e-4
+    assert incremental_logits_error(model, torch.randint(0, 30, (2, 20))) < 1e-4
 
 
 def test_cached_generation_equals_uncached_even_past_the_context_window():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config_dict
+from conftest import incremental_logits_error, tiny_config_dict
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
@@ -134,15 +134,7 @@ def _model(**kw) -> GPT:
 @pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2, "tie_embeddings": False, "qk_norm": True}])
 def test_kv_cache_logits_and_generation_equal_recomputation(kw):
     model = _model(**kw)
-    seq = torch.randint(0, 40, (2, 20))
-    full = model(seq).logits
-    out = model(seq[:, :5], use_cache=True)
-    logits, past = [out.logits], out.past
-    for t in range(5, 20):
-        out = model(seq[:, t:t + 1], past=past, use_cache=True)
-        logits.append(out.logits)
-        past = out.past
-    assert (torch.cat(logits, dim=1) - full).abs().max().item() < 1e-4
+    assert incremental_logits_error(model, torch.randint(0, 40, (2, 20))) < 1e-4
     prompt = torch.tensor([[4, 5, 6, 7]])
     for temperature in (0.0, 0.9):
         cached = generate(model, prompt, 30, temperature=temperature, generator=torch.Generator().manual_seed(1))

@@ -19,6 +19,7 @@ from lmforge.infer.seq2seq import generate_seq2seq  # noqa: E402
 from lmforge.interop.hf_t5 import export_t5, import_t5, load_t5  # noqa: E402
 from lmforge.model import ModelConfig, build_model  # noqa: E402
 from lmforge.model.t5 import relative_position_bucket  # noqa: E402
+from test_t5_model import make_eos_likely  # noqa: E402
 
 VARIANTS = {"v1.1": dict(ffn="gated-gelu", tie_embeddings=False), "1.0": dict(ffn="relu", tie_embeddings=True)}
 
@@ -75,15 +76,7 @@ def test_relative_position_buckets_equal_transformers(bidirectional, num_buckets
 def decoding_pair(tmp_path, scale: float):
     """Our random model with </s> made likely enough to end hypotheses at varied lengths, and its export."""
     model = our_model(3, n_decoder_layer=2)
-    ids = torch.randint(3, 72, (6, 11), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[4, 3:] = 0
-    with torch.no_grad():
-        model.lm_head.weight.mul_(0.3)
-        hidden, _ = model.decoder(model.embed(torch.zeros(6, 4, dtype=torch.long)),
-                                  model.start_cache(model.encode(ids, mask), mask))
-        model.lm_head.weight[1] += scale * hidden.mean((0, 1))
+    ids, mask = make_eos_likely(model, 6, scale, 72, seed=4)
     return model, exported(model, tmp_path, f"hf-{scale}"), ids, mask
 
 

@@ -201,18 +201,25 @@ def test_ffn_kind_is_checked_when_loading_a_config():
 # --- decoding -------------------------------------------------------------------------------------
 
 
+def make_eos_likely(model: T5, batch: int, scale: float, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tilt a random T5's </s> logit so that decoded hypotheses end at different lengths; returns a padded
+    batch of encoder inputs (ids, mask) to decode."""
+    ids = torch.randint(3, vocab, (batch, 11), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[batch - 2, 3:] = 0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.3)
+        hidden, _ = model.decoder(model.embed(torch.zeros(batch, 4, dtype=torch.long)),
+                                  model.start_cache(model.encode(ids, mask), mask))
+        model.lm_head.weight[1] += scale * hidden.mean((0, 1))
+    return ids, mask
+
+
 def decoding_model() -> tuple[T5, torch.Tensor, torch.Tensor]:
     """A random T5 whose </s> is likely enough that hypotheses end at different lengths."""
     model = model_for(6, n_decoder_layer=2)
-    ids = torch.randint(3, 64, (5, 11))
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[4, 3:] = 0
-    with torch.no_grad():
-        model.lm_head.weight.mul_(0.3)
-        hidden, _ = model.decoder(model.embed(torch.zeros(5, 4, dtype=torch.long)),
-                                  model.start_cache(model.encode(ids, mask), mask))
-        model.lm_head.weight[1] += 0.1 * hidden.mean((0, 1))
+    ids, mask = make_eos_likely(model, 5, 0.1, 64)
     return model, ids, mask
 
 
