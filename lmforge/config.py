@@ -118,6 +118,9 @@ class TrainConfig:
     # Sequences per forward/backward pass on one process; 0 = batch_size / processes (no accumulation).
     # Gradient accumulation steps = batch_size / (micro_batch_size * processes).
     micro_batch_size: int = 0
+    # Processes that build training batches ahead of the step (0: built in the training process). Never
+    # changes the batches; a few keep a GPU fed (see docs/loader.md).
+    loader_workers: int = 0
     # blocks: each epoch a shuffled partition of the stream (no window twice); random: uniform offsets
     windows: Literal["blocks", "random"] = "blocks"
     lr: float = 1e-3

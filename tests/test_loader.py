@@ -1,6 +1,10 @@
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
+import torch.utils.data
 
 from lmforge.data.loader import CLMLoader, batch_layout
 from lmforge.data.store import SplitReader
@@ -112,3 +116,147 @@ def test_random_windows_are_reproducible_and_in_range():
         xa, ya = batch["input_ids"], batch["labels"]
         assert torch.equal(xa, b.next()["input_ids"])
         assert int(ya.max()) < 1000 and torch.equal(ya[:, -1], xa[:, -1] + 1)
+
+
+def _batches(loader, count: int) -> list[dict]:
+    return [loader.next() for _ in range(count)]
+
+
+def _same(first: list[dict], second: list[dict]) -> bool:
+    return len(first) == len(second) and all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                                             for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_background_workers_give_the_same_batches_as_the_training_process(workers):
+    # 8 micro-batches of 3 per global batch of 24; 25 global batches per epoch: the run crosses 2 epochs
+    split = _split(16 * 601)
+    reference = _batches(CLMLoader(split, 16, 24, seed=4, micro_batch_size=3), 8 * 60)
+    loader = CLMLoader(split, 16, 24, seed=4, micro_batch_size=3, workers=workers)
+    assert _same(_batches(loader, 8 * 60), reference)
+    loader.close()
+
+
+def test_state_describes_consumed_batches_not_prefetched_ones_and_resumes_exactly():
+    split = _split(16 * 301)  # 18 global batches of 16 per epoch
+    uninterrupted = _batches(CLMLoader(split, 16, 16, seed=2, micro_batch_size=4), 4 * 40)
+    loader = CLMLoader(split, 16, 16, seed=2, micro_batch_size=4, workers=2)
+    taken = _batches(loader, 4 * 7)  # mid-epoch; the workers have built batches beyond these
+    state = loader.state_dict()
+    assert state == {"samples": 7 * 16, "seed": 2}
+    resumed = CLMLoader(split, 16, 16, seed=0, micro_batch_size=4, workers=2)
+    resumed.load_state_dict(state)
+    assert _same(taken + _batches(resumed, 4 * 33), uninterrupted)
+    # loading a state into a loader whose workers are running drops what they prefetched
+    loader.load_state_dict({"samples": 3 * 16, "seed": 2})
+    assert _same(_batches(loader, 4 * 2), uninterrupted[4 * 3: 4 * 5])
+    loader.close(), resumed.close()
+
+
+def test_ranks_with_workers_stay_disjoint_and_make_the_global_batch():
+    split = _split(16 * 201)
+    single = CLMLoader(split, 16, 8, seed=6)
+    ranks = [CLMLoader(split, 16, 8, seed=6, rank=r, world_size=2, micro_batch_size=2, workers=2) for r in range(2)]
+    for _ in range(30):
+        parts = [r.next()["input_ids"] for r in ranks for _ in range(r.accum_steps)]
+        assert torch.equal(torch.cat(parts), single.next()["input_ids"])
+    for r in ranks:
+        r.close()
+
+
+class _DyingLoader(CLMLoader):
+    """A CLM loader whose worker process dies (no Python exception, as when it is killed) on one micro-batch."""
+
+    def micro_batch(self, start: int, micro: int = 0):
+        if start == 5 * self.batch_size and torch.utils.data.get_worker_info() is not None:
+            os._exit(3)
+        return super().micro_batch(start, micro)
+
+
+class _FailingLoader(CLMLoader):
+    def micro_batch(self, start: int, micro: int = 0):
+        if start == 5 * self.batch_size:
+            raise ValueError(f"shard unreadable at sample {start}")
+        return super().micro_batch(start, micro)
+
+
+def test_a_worker_that_dies_stops_the_run_with_its_error_not_a_hang():
+    loader = _DyingLoader(_split(16 * 200), 16, 4, seed=0, workers=2)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid.*\) exited unexpectedly"):
+        for _ in range(20):
+            loader.next()
+    assert time.monotonic() - began < 30
+    assert loader.position <= 5 * 4  # only batches before the dead one were delivered
+    loader.close()
+    failing = _FailingLoader(_split(16 * 200), 16, 4, seed=0, workers=1)
+    with pytest.raises(ValueError, match="shard unreadable at sample 20"):
+        for _ in range(20):
+            failing.next()
+    assert failing.position == 5 * 4  # a worker's exception arrives in order, with the batch it spoiled
+    failing.close()
+
+
+def test_pinned_batches_equal_unpinned_ones():
+    if not torch.cuda.is_available():
+        pytest.skip("pinning memory needs CUDA")
+    split = _split(16 * 100)
+    for workers in (0, 2):
+        pinned = CLMLoader(split, 16, 4, seed=1, workers=workers, pin_memory=True)
+        batches = _batches(pinned, 5)
+        assert all(b["input_ids"].is_pinned() for b in batches)
+        assert _same(batches, _batches(CLMLoader(split, 16, 4, seed=1), 5))
+        pinned.close()
+
+
+def test_split_take_gathers_across_shards_like_read():
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(0, 60000, n).astype(np.uint16) for n in (50, 7, 120)]
+    split = SplitReader(pieces, np.asarray([0, 50, 57, 177]), np.asarray([0]))
+    starts = rng.integers(0, 177 - 30, 40)
+    expected = np.stack([split.read(int(s), 30) for s in starts]).astype(np.int64)
+    got = split.take(starts[:, None] + np.arange(30))
+    assert got.dtype == np.int64 and np.array_equal(got, expected)
+    with pytest.raises(IndexError):
+        split.take(np.asarray([177]))
+
+
+def test_pretraining_with_loader_workers_learns_the_same_and_resumes_identically(tmp_path, corpus_file):
+    import json
+    import shutil
+
+    import yaml
+
+    from conftest import tiny_config_dict
+    from lmforge.cli import main
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    runs = {}
+    for workers in (0, 2):
+        config = tmp_path / f"tiny-{workers}.yaml"
+        config.write_text(yaml.safe_dump(tiny_config_dict(corpus_file, micro_batch_size=4, loader_workers=workers)))
+        runs[workers] = tmp_path / f"run-{workers}"
+        assert main(["pretrain", "--config", str(config), "--out", str(runs[workers])]) == 0
+    assert losses(runs[2]) == losses(runs[0]) and len(losses(runs[0])) == 30
+    # a run with workers that died after its step-20 checkpoint resumes into the same steps
+    partial = tmp_path / "partial"
+    shutil.copytree(runs[2], partial)
+    shutil.rmtree(partial / "checkpoints" / "step-000030")
+    (partial / "checkpoints" / "latest").write_text("step-000020\n")
+    assert main(["pretrain", "--resume", str(partial)]) == 0
+    assert losses(partial) == losses(runs[0])
+
+
+def test_negative_loader_workers_is_refused(tmp_path, corpus_file, capsys):
+    import yaml
+
+    from conftest import tiny_config_dict
+    from lmforge.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(corpus_file, loader_workers=-1)))
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "train.loader_workers must be >= 0" in capsys.readouterr().err

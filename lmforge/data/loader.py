@@ -5,24 +5,36 @@ The run reads one stream of samples, a pure function of (seed, sample index), in
 consecutive parts, read in micro-batches of `micro_batch_size`: so the sequence of global batches is
 the same for any number of processes and any micro-batch size. The position is the index of the
 sample that starts the next global batch, so `state_dict()` is tiny, resumption is exact, and a run
-may resume with another world size. Each loader turns a sample index into an example: CLMLoader a
-block of the token stream, MLMLoader a masked BERT sentence pair.
+may resume with another world size. Each loader turns the sample indices of a micro-batch into
+examples, all at once with array operations: CLMLoader blocks of the token stream, MLMLoader masked
+BERT sentence pairs.
+
+With `workers` > 0, micro-batches are built ahead in that many background processes (a torch
+DataLoader over the same (start, micro-batch) keys, in order, `PREFETCH_PER_WORKER` each ahead, pinned
+when the batches go to a CUDA device). A micro-batch is a pure function of its key, so the batches are
+the same for any number of workers, and the position advances only when `next()` hands a batch over:
+`state_dict()` describes what the trainer consumed, never what the workers prefetched.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import signal
+import sys
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from lmforge.data.objectives.clm import epoch_starts, inputs_and_labels, num_blocks
-from lmforge.data.objectives.mlm import (BertVocab, MaskingSpec, PlanStats, SentenceIndex, build_pair,
-                                         mask_tokens, plan_epoch, read_segment)
+from lmforge.data.objectives.mlm import (BertVocab, MaskingSpec, PlanStats, SentenceIndex, build_pairs,
+                                         check_whole_word, mask_batch, mask_draws, plan_epoch)
 from lmforge.data.store import SplitReader
 from lmforge.errors import LmforgeError
 
 Batch = dict[str, torch.Tensor]
+PREFETCH_PER_WORKER = 4  # micro-batches each worker builds ahead of the trainer
 
 
 def batch_layout(batch_size: int, micro_batch_size: int, world_size: int, prefix: str = "train") -> tuple[int, int]:
@@ -49,13 +61,17 @@ class _Loader:
 
     examples_per_epoch: int
 
-    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int, micro_batch_size: int = 0):
-        """batch_size: the global batch; micro_batch_size: samples per micro-batch on this rank (0: its whole part)."""
+    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int, micro_batch_size: int = 0,
+                 workers: int = 0, pin_memory: bool = False):
+        """batch_size: the global batch; micro_batch_size: samples per micro-batch on this rank (0: its whole part);
+        workers: processes that build micro-batches ahead (0: built in next()); pin_memory: page-locked batches."""
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.configured_micro_batch_size = micro_batch_size
         self.micro_batch_size, self.accum_steps = batch_layout(batch_size, micro_batch_size, world_size)
+        self.workers, self.pin_memory = workers, pin_memory
         self.position = 0  # the sample index where the next global batch starts
         self._micro = 0  # micro-batches of that global batch this rank has read
+        self._prefetched: Optional[Iterator] = None  # the workers' batches, from the position on
 
     def sample_indices(self, start: int, micro: int = 0) -> np.ndarray:
         """This rank's sample indices in micro-batch `micro` of the global batch that starts at sample `start`."""
@@ -71,7 +87,12 @@ class _Loader:
 
     def next(self) -> Batch:
         """This rank's next micro-batch; after accum_steps of them the position moves to the next global batch."""
-        batch = self.micro_batch(self.position, self._micro)
+        if self.workers:
+            batch = self._next_prefetched()
+        else:
+            batch = self.micro_batch(self.position, self._micro)
+            if self.pin_memory:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
         self._micro += 1
         if self._micro == self.accum_steps:
             self._micro, self.position = 0, self.position + self.batch_size
@@ -92,23 +113,99 @@ class _Loader:
         return {"samples": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        self.close()  # batches prefetched from the old position are not the ones wanted now
         if "samples" in state:
             self.position = int(state["samples"])
         else:  # written before global batches: batch_index counted one process's micro-batches, which
             # upgrade_train_section (lmforge/config.py) made micro_batch_size, or batch_size without accumulation
             self.position = int(state["batch_index"]) * (self.configured_micro_batch_size or self.batch_size)
-        self.seed = int(state["seed"])
+        seed = int(state["seed"])
+        if seed != self.seed:
+            self.seed = seed
+            self._forget_epochs()
         self._micro = 0
+
+    def _forget_epochs(self) -> None:
+        """Drop what was derived from the old seed (called when a loaded state brings another seed)."""
+
+    def _next_prefetched(self) -> Batch:
+        if self._prefetched is None:
+            self._prefetched = iter(torch.utils.data.DataLoader(
+                _MicroBatches(self), batch_size=None, sampler=_Keys(self), num_workers=self.workers,
+                prefetch_factor=PREFETCH_PER_WORKER, pin_memory=self.pin_memory, worker_init_fn=_leave_interrupts,
+                # fork: the workers share the memory-mapped store and the epoch plans instead of pickling them
+                multiprocessing_context="fork" if sys.platform.startswith("linux") else None))
+        # A worker's exception is raised here with its traceback; a worker that dies (killed, out of memory)
+        # makes torch raise RuntimeError "DataLoader worker (pid N) exited unexpectedly" at once (SIGCHLD).
+        key, packed, layout = next(self._prefetched)
+        assert tuple(key) == (self.position, self._micro), (key, self.position, self._micro)  # in order
+        return _unpack(packed, layout)
+
+    def close(self) -> None:
+        """Stop the background workers, if any (they start again at the position on the next next())."""
+        self._prefetched = None  # the DataLoader iterator shuts its workers down when dropped
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_prefetched": None}  # a worker gets the loader, not its own pipeline
+
+
+class _Keys(torch.utils.data.Sampler):
+    """(start, micro) of this rank's micro-batches, from the loader's position on, for ever."""
+
+    def __init__(self, loader: _Loader):
+        self.start, self.micro = loader.position, loader._micro
+        self.batch_size, self.accum_steps = loader.batch_size, loader.accum_steps
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, micro = self.start, self.micro
+        while True:
+            yield start, micro
+            micro += 1
+            if micro == self.accum_steps:
+                start, micro = start + self.batch_size, 0
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """A loader's micro-batches by key, built in whichever worker process is asked."""
+
+    def __init__(self, loader: _Loader):
+        self.loader = loader
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], torch.Tensor, list]:
+        return key, *_pack(self.loader.micro_batch(*key))
+
+
+def _leave_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: the training process handles it (checkpoint, stop) and
+    stops the workers, which must not die first under a batch it still wants."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pack(batch: Batch) -> tuple[torch.Tensor, list[tuple[str, tuple[int, ...]]]]:
+    """A batch of int64 tensors as one flat tensor and its layout: one shared-memory block (and one pinned
+    copy) per batch between processes instead of one per tensor."""
+    layout = [(name, tuple(t.shape)) for name, t in batch.items()]
+    return torch.cat([t.reshape(-1) for t in batch.values()]), layout
+
+
+def _unpack(packed: torch.Tensor, layout: list[tuple[str, tuple[int, ...]]]) -> Batch:
+    """The tensors of a packed batch, as views of it."""
+    sizes = [math.prod(shape) for _, shape in layout]
+    return {name: piece.view(shape) for (name, shape), piece in zip(layout, packed.split(sizes))}
 
 
 class CLMLoader(_Loader):
     """Causal-LM blocks: {"input_ids", "labels"}, labels being the inputs shifted by one."""
 
     def __init__(self, split: SplitReader, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, order: str = "blocks", micro_batch_size: int = 0):
-        super().__init__(batch_size, seed, rank, world_size, micro_batch_size)
+                 rank: int = 0, world_size: int = 1, order: str = "blocks", micro_batch_size: int = 0,
+                 workers: int = 0, pin_memory: bool = False):
+        super().__init__(batch_size, seed, rank, world_size, micro_batch_size, workers, pin_memory)
         self.split, self.block_size, self.order = split, block_size, order
         self.examples_per_epoch = self.blocks_per_epoch = num_blocks(split.num_tokens, block_size)
+        self._forget_epochs()
+
+    def _forget_epochs(self) -> None:
         self._epoch = -1
         self._epoch_starts = np.zeros(0, dtype=np.int64)
 
@@ -126,9 +223,9 @@ class CLMLoader(_Loader):
 
     def examples(self, samples: np.ndarray) -> Batch:
         """Inputs and labels of these samples, as int64 tensors."""
-        windows = np.stack([self.split.read(int(s), self.block_size + 1) for s in self._starts(samples)])
-        x, y = inputs_and_labels(windows.astype(np.int64))
-        return {"input_ids": torch.from_numpy(x), "labels": torch.from_numpy(y)}
+        windows = self.split.take(self._starts(samples)[:, None] + np.arange(self.block_size + 1))
+        x, y = inputs_and_labels(windows)
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(x)), "labels": torch.from_numpy(np.ascontiguousarray(y))}
 
 
 class MLMLoader(_Loader):
@@ -142,8 +239,9 @@ class MLMLoader(_Loader):
 
     def __init__(self, split: SplitReader, vocab: BertVocab, seq_len: int, batch_size: int, seed: int,
                  masking: MaskingSpec, short_seq_prob: float = 0.1, next_sentence: bool = True,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True, micro_batch_size: int = 0):
-        super().__init__(batch_size, seed, rank, world_size, micro_batch_size)
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, micro_batch_size: int = 0,
+                 workers: int = 0, pin_memory: bool = False):
+        super().__init__(batch_size, seed, rank, world_size, micro_batch_size, workers, pin_memory)
         special = 3 if next_sentence else 2
         if seq_len < special + 2:
             raise LmforgeError(f"model.block_size={seq_len} leaves no room for text after the {special} special "
@@ -156,10 +254,14 @@ class MLMLoader(_Loader):
         if self.sentences.num_sentences == 0:
             raise LmforgeError("the split has no sentences (is this a bert token store? prepare it with "
                                "model.family=bert)")
+        if masking.whole_word:
+            check_whole_word(vocab)
         self.random_pool = vocab.random_pool
+        self._forget_epochs()
+
+    def _forget_epochs(self) -> None:
         self._plans: dict[int, np.ndarray] = {}
-        first = self._plan(0)
-        self.examples_per_epoch = len(first)
+        self.examples_per_epoch = len(self._plan(0))  # the seed's first epoch sets every epoch's length
         if self.examples_per_epoch == 0:
             raise LmforgeError("no sentence-pair examples could be formed: every document has a single sentence")
 
@@ -173,36 +275,38 @@ class MLMLoader(_Loader):
             self._plans = {0: self._plans.get(0, rows), epoch: rows}  # keep epoch 0 and the current one
         return self._plans[epoch]
 
-    def example(self, sample: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-        epoch, position = divmod(int(sample), self.examples_per_epoch)
-        if not self.shuffle:
-            epoch = 0  # a fixed set: the same pairs and masks however many times it is read
-        plan = self._plan(epoch)
-        a_first, a_end, b_first, b_end, label = (int(v) for v in plan[position % len(plan)])
-        rng = np.random.default_rng([self.seed, epoch, position, 1])
-        a = read_segment(self.split, self.sentences, a_first, a_end, self.vocab.sep)
-        b = read_segment(self.split, self.sentences, b_first, b_end, self.vocab.sep) if self.next_sentence else None
-        ids, types, attention = build_pair(a, b, self.seq_len, self.vocab, rng)
-        masked, labels = mask_tokens(ids, types, self.vocab, self.masking, rng, self.random_pool)
-        return masked, types, attention, labels, label
-
     def examples(self, samples: np.ndarray) -> Batch:
-        rows = [self.example(s) for s in samples]
-        columns = [np.stack([r[i] for r in rows]) for i in range(4)]
-        return {"input_ids": torch.from_numpy(columns[0]), "token_type_ids": torch.from_numpy(columns[1]),
-                "attention_mask": torch.from_numpy(columns[2]), "mlm_labels": torch.from_numpy(columns[3]),
-                "nsp_labels": torch.tensor([r[4] for r in rows], dtype=torch.int64)}
+        """Masked sentence pairs of these samples, as int64 tensors; each draws from (seed, epoch, position)."""
+        epochs, positions = np.divmod(samples, self.examples_per_epoch)
+        if not self.shuffle:
+            epochs = np.zeros_like(epochs)  # a fixed set: the same pairs and masks however many times it is read
+        rows = np.empty((len(samples), 5), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            plan = self._plan(int(epoch))
+            here = epochs == epoch
+            rows[here] = plan[positions[here] % len(plan)]
+        rngs = [np.random.default_rng([self.seed, int(e), int(p), 1]) for e, p in zip(epochs, positions)]
+        ids, types, attention = build_pairs(self.split, self.sentences, rows, self.seq_len, self.vocab, rngs,
+                                            self.next_sentence)
+        draws = np.stack([mask_draws(rng, self.seq_len) for rng in rngs])
+        masked, labels = mask_batch(ids, types, self.vocab, self.masking, draws, self.random_pool)
+        return {"input_ids": torch.from_numpy(masked), "token_type_ids": torch.from_numpy(types),
+                "attention_mask": torch.from_numpy(attention), "mlm_labels": torch.from_numpy(labels),
+                "nsp_labels": torch.from_numpy(rows[:, 4].copy())}
 
     @property
     def stats(self) -> Optional[PlanStats]:
         return getattr(self, "plan_stats", None)
 
 
-def loader_for(config, store, split: str, training: bool, rank: int = 0, world_size: int = 1) -> _Loader:
+def loader_for(config, store, split: str, training: bool, rank: int = 0, world_size: int = 1,
+               pin_memory: Optional[bool] = None) -> _Loader:
     """The loader of the run's objective over `split` of `store`: shuffled for training, fixed for evaluation.
 
     config: an lmforge Config; store: a TokenStore prepared for config.model.family. Both read global
-    batches of train.batch_size in micro-batches of train.micro_batch_size.
+    batches of train.batch_size in micro-batches of train.micro_batch_size; the training loader builds
+    them in train.loader_workers background processes. pin_memory: page-locked batches (default: when
+    train.device is, or auto-selects, CUDA).
     """
     from lmforge.data.tokenizer import load_tokenizer
 
@@ -211,7 +315,14 @@ def loader_for(config, store, split: str, training: bool, rank: int = 0, world_s
     if built_for != family:
         raise LmforgeError(f"token store {store.path} was prepared for model.family={built_for}, "
                            f"not {family}; prepare it again for this model")
-    layout = dict(rank=rank, world_size=world_size, micro_batch_size=tc.micro_batch_size)
+    workers = tc.loader_workers if training else 0  # evaluation reads micro_batch() directly
+    if workers < 0:
+        raise LmforgeError(f"train.loader_workers must be >= 0 (0 builds batches in the training process), "
+                           f"got {workers}")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available() and (tc.device == "auto" or tc.device.startswith("cuda"))
+    layout = dict(rank=rank, world_size=world_size, micro_batch_size=tc.micro_batch_size, workers=workers,
+                  pin_memory=pin_memory)
     if family == "bert":
         m = config.mlm
         vocab = BertVocab.from_tokenizer(load_tokenizer(store.tokenizer_path))

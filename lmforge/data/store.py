@@ -195,6 +195,20 @@ class SplitReader:
             shard, pos = shard + 1, 0
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Tokens at these global offsets (an array of any shape), as int64: one gather per shard."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.num_tokens):
+            raise IndexError(f"offsets outside a split of {self.num_tokens} tokens")
+        if len(self.shards) == 1:
+            return np.asarray(self.shards[0])[positions].astype(np.int64)
+        tokens = np.empty(positions.shape, dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets, positions, side="right") - 1
+        for shard in np.unique(shard_of):
+            here = shard_of == shard
+            tokens[here] = np.asarray(self.shards[shard])[positions[here] - self.offsets[shard]]
+        return tokens
+
 
 class TokenStore:
     """A finished store on disk; refuses what it does not understand."""
