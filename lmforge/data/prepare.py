@@ -308,9 +308,9 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     manifest = {
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": vocab_size,
-        # gpt: end-of-text after each document; bert: [SEP] after each sentence
+        # gpt: end-of-text after each document; t5: </s> after each document; bert: [SEP] after each sentence
         "boundary_id": boundary,
-        **({"eos_id": boundary} if family == "gpt" else {"sentence_end_id": boundary}),
+        **({"sentence_end_id": boundary} if family == "bert" else {"eos_id": boundary}),
         "dtype": dtype.name,
         "family": family,
         "splits": splits,

@@ -90,7 +90,7 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _run_config(model: ModelConfig, tokenizer_path: Path, vocab: int, recipe: Optional[str],
-                overrides: list[str], name: str) -> Config:
+                overrides: list[str], name: str, sentinels: int = 0) -> Config:
     """The run's Config: `model` from the checkpoint, data/train/mlm from the recipe, then --set overrides."""
     data = read_yaml(resolve_recipe(recipe or DEFAULT_RECIPE))
     data["name"] = name
@@ -100,12 +100,12 @@ def _run_config(model: ModelConfig, tokenizer_path: Path, vocab: int, recipe: Op
         if getattr(config.model, key) != getattr(model, key) and key not in ADJUSTABLE:
             raise LmforgeError(f"model.{key} comes from the checkpoint's config.json ({getattr(model, key)!r}); "
                                f"an import may change only {', '.join(f'model.{k} ({v})' for k, v in ADJUSTABLE.items())}")
-    if config.model.block_size > model.block_size:
+    if config.model.block_size > model.block_size and model.family != "t5":  # t5: relative positions, any length
         raise LmforgeError(f"model.block_size={config.model.block_size} exceeds the checkpoint's "
                            f"{model.block_size} position embeddings")
     # The run encodes its data with the imported tokenizer, never a newly trained one.
-    config.data.tokenizer = TokenizerConfig(kind="bpe" if model.family == "gpt" else "wordpiece",
-                                            vocab_size=vocab, path=str(tokenizer_path))
+    config.data.tokenizer = TokenizerConfig(kind={"gpt": "bpe", "t5": "unigram"}.get(model.family, "wordpiece"),
+                                            vocab_size=vocab, path=str(tokenizer_path), sentinels=sentinels)
     return config
 
 
@@ -127,14 +127,20 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"{out} already exists and is not empty; choose a new run directory")
     hf = read_json(directory / "config.json")
-    architecture = architecture_of(hf)
-    source_model = config_from_hf(hf)
+    t5 = hf.get("model_type") == "t5"
+    if t5:
+        from lmforge.interop.hf_t5 import ARCHITECTURE, t5_config_from_hf
+
+        architecture, source_model = ARCHITECTURE, t5_config_from_hf(hf, str(directory / "config.json"))
+    else:
+        architecture = architecture_of(hf)
+        source_model = config_from_hf(hf)
     tokenizer, notes = read_hf_tokenizer(directory, source_model.family)
     if tokenizer.get_vocab_size() > source_model.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
                            f"{source_model.vocab_size} embeddings (config.json vocab_size)")
     config = _run_config(source_model, out.resolve() / "tokenizer.json", tokenizer.get_vocab_size(), recipe,
-                         overrides or [], directory.resolve().name)
+                         overrides or [], directory.resolve().name, _sentinels(tokenizer) if t5 else 0)
 
     hf_state, weights_file = read_hf_weights(directory)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values() if t.is_floating_point()})
@@ -142,15 +148,24 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
         notes.append(f"weights converted from {', '.join(dtypes)} to float32")
     seed_everything(config.train.seed)  # what a new run does first: the initialised heads are reproducible
     model = build_model(config.model)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    position = position_table(source_model)
-    if position is not None:
-        shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
-    imported = state_from_hf(hf_state, source_model, shapes)
-    if position is not None and config.model.block_size < source_model.block_size:
-        imported.state[position] = imported.state[position][: config.model.block_size].clone()
-        notes.append(f"position embeddings cut to the first {config.model.block_size} of {source_model.block_size}")
-    model.load_state_dict(imported.state, strict=False)
+    if t5:
+        from lmforge.interop.hf_t5 import t5_state_from_hf
+
+        model.load_state_dict({k: v.float() for k, v in
+                               t5_state_from_hf(hf_state, source_model, str(directory / weights_file)).items()})
+        missing: list[str] = []
+    else:
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        position = position_table(source_model)
+        if position is not None:
+            shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
+        imported = state_from_hf(hf_state, source_model, shapes)
+        if position is not None and config.model.block_size < source_model.block_size:
+            imported.state[position] = imported.state[position][: config.model.block_size].clone()
+            notes.append(f"position embeddings cut to the first {config.model.block_size} of "
+                         f"{source_model.block_size}")
+        model.load_state_dict(imported.state, strict=False)
+        missing = imported.missing_parts
     optimizer = build_optimizer(model, config.train, torch.device("cpu"))
 
     with building_directory(out, "import") as tmp:
@@ -161,9 +176,18 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
             loader={"samples": 0, "seed": config.train.seed}, rng=rng_state(), config=config.to_dict()))
         RunDir(tmp).write_record("import", None, imported_from={
             "path": str(directory.resolve()), "architecture": architecture, "weights": weights_file,
-            "initialised": imported.missing_parts, "notes": notes})
-    return Imported(out, architecture, config, model.num_parameters(exclude_embeddings=False),
-                    imported.missing_parts, notes)
+            "initialised": missing, "notes": notes})
+    return Imported(out, architecture, config, model.num_parameters(exclude_embeddings=False), missing, notes)
+
+
+def _sentinels(tokenizer) -> int:
+    """How many <extra_id_i> a T5 tokenizer has (0 when none)."""
+    from lmforge.data.objectives.span import SpanVocab
+
+    try:
+        return SpanVocab.from_tokenizer(tokenizer).num_sentinels
+    except LmforgeError:
+        return 0
 
 
 def describe(result: Imported) -> str:
