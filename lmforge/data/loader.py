@@ -30,8 +30,8 @@ import torch.utils.data
 from lmforge.data.objectives.clm import epoch_starts, inputs_and_labels, num_blocks
 from lmforge.data.objectives.mlm import (BertVocab, MaskingSpec, PlanStats, SentenceIndex, build_pairs,
                                          check_whole_word, mask_batch, mask_draws, plan_epoch)
-from lmforge.data.objectives.span import (Denoiser, SpanVocab, denoise, denoise_mixture, mixture_lengths,
-                                          span_counts)
+from lmforge.data.objectives.span import (Denoiser, SpanLengths, SpanVocab, denoise, denoise_mixture,
+                                          mixture_lengths, span_counts)
 from lmforge.data.store import SplitReader
 from lmforge.errors import LmforgeError
 
@@ -318,13 +318,7 @@ class SpanLoader(CLMLoader):
                  micro_batch_size: int = 0, workers: int = 0, pin_memory: bool = False,
                  sentinels_key: str = "data.tokenizer.sentinels"):
         self.vocab, self.denoisers, self.fixed = vocab, list(denoisers), fixed
-        self.lengths = mixture_lengths(block_size, self.denoisers)
-        for d in self.denoisers:
-            spans = span_counts(self.lengths.tokens, d.noise_density, d.mean_span_length)[1] if d.kind == "span" else 0
-            if spans > vocab.num_sentinels:
-                raise LmforgeError(f"rows of {self.lengths.tokens} tokens get {spans} noise spans but the tokenizer has "
-                                   f"{vocab.num_sentinels} sentinels ({sentinels_key}); lower span.noise_density or "
-                                   f"model.block_size, or raise span.mean_span_length")
+        self.lengths = check_sentinels(block_size, self.denoisers, vocab, sentinels_key)
         super().__init__(split, self.lengths.tokens, batch_size, seed, rank, world_size,
                          "sequential" if fixed else "blocks", micro_batch_size, workers, pin_memory)
 
@@ -343,6 +337,35 @@ class SpanLoader(CLMLoader):
         if len(self.denoisers) == 1:
             return denoise(row, rng, self.vocab, self.denoisers[0])
         return denoise_mixture(row, rng, self.vocab, self.denoisers)
+
+
+def check_sentinels(block_size: int, denoisers: list[Denoiser], vocab: SpanVocab,
+                    sentinels_key: str = "data.tokenizer.sentinels") -> SpanLengths:
+    """The row lengths of the objective at block_size; an error if a row gets more spans than `vocab` has sentinels."""
+    lengths = mixture_lengths(block_size, denoisers)
+    for d in denoisers:
+        spans = span_counts(lengths.tokens, d.noise_density, d.mean_span_length)[1] if d.kind == "span" else 0
+        if spans > vocab.num_sentinels:
+            raise LmforgeError(f"rows of {lengths.tokens} tokens get {spans} noise spans but the tokenizer has "
+                               f"{vocab.num_sentinels} sentinels ({sentinels_key}); lower span.noise_density or "
+                               f"model.block_size, or raise span.mean_span_length")
+    return lengths
+
+
+def span_denoisers(config) -> list[Denoiser]:
+    """The denoisers a Config's span section names (one, or the mixture)."""
+    return [Denoiser(*setting[1:]) for setting in config.span.denoisers()]
+
+
+def check_given_tokenizer(config) -> None:
+    """Refuse, before any work, a data.tokenizer.path that cannot serve the run's objective (t5: sentinels)."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    path = config.data.tokenizer.path
+    if config.model.family == "t5" and path:
+        denoisers = span_denoisers(config)
+        check_sentinels(config.model.block_size, denoisers, span_vocab(load_tokenizer(path), denoisers),
+                        f"data.tokenizer.path={path}")
 
 
 def span_vocab(tokenizer, denoisers: list[Denoiser]) -> SpanVocab:
@@ -387,7 +410,7 @@ def loader_for(config, store, split: str, training: bool, rank: int = 0, world_s
                          tc.seed if training else 0, spec, m.short_seq_prob, m.next_sentence,
                          shuffle=training, **layout)
     if family == "t5":
-        denoisers = [Denoiser(*setting[1:]) for setting in config.span.denoisers()]
+        denoisers = span_denoisers(config)
         tok = config.data.tokenizer
         vocab = span_vocab(load_tokenizer(store.tokenizer_path), denoisers)
         return SpanLoader(store.split(split), vocab, denoisers, config.model.block_size, tc.batch_size,
