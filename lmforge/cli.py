@@ -75,7 +75,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if sample is not None:
         (run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         print("\n--- sample " + "-" * 60 + f"\n{sample}\n" + "-" * 71)
-    if "val_mlm_loss" in result.val_metrics:
+    if "val_mlm_loss" in result.val_metrics or "val_token_acc" in result.val_metrics:
         from lmforge.train.evaluate import describe_metrics
 
         shown = describe_metrics(result.val_metrics)

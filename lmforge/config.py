@@ -175,30 +175,6 @@ class TrainConfig:
 FAMILY_TOKENIZER = {"gpt": "bpe", "bert": "bpe", "t5": "unigram"}  # data.tokenizer.kind auto
 
 
-def check_span_objective(config: "Config") -> None:
-    """A t5 run's rows (of the length model.block_size implies) must corrupt at every configured setting,
-    into no more spans than the tokenizer will have sentinels (when lmforge trains it; a given one is
-    checked when the run reads it)."""
-    from lmforge.data.objectives.span import Denoiser, mixture_lengths, span_counts  # data imports config: late
-
-    tok, block_size = config.data.tokenizer, config.model.block_size
-    settings = config.span.denoisers()
-    if block_size < 2:
-        raise LmforgeError(f"model.block_size={block_size} is too short for a t5 objective (use at least 2)")
-    tokens = mixture_lengths(block_size, [Denoiser(*d[1:]) for d in settings]).tokens
-    for key, kind, _, density, span in settings:
-        if kind != "span":
-            continue
-        if tok.path is None and tok.sentinels == 0:
-            raise LmforgeError(f"{key} drops spans into sentinel tokens but data.tokenizer.sentinels is 0; "
-                               f"give it at least one sentinel (T5: 100)")
-        spans = span_counts(tokens, density, span)[1]
-        if tok.path is None and spans > tok.sentinels:
-            raise LmforgeError(f"{key}: rows of model.block_size={block_size} get {spans} noise spans but "
-                               f"data.tokenizer.sentinels={tok.sentinels}; raise the sentinels or "
-                               f"{key}.mean_span_length, or lower {key}.noise_density or model.block_size")
-
-
 def check_seed(seed: int, name: str) -> None:
     """Seeds feed numpy's SeedSequence (non-negative) and torch's generators (64 bits): [0, 2**63) suits both."""
     if not 0 <= seed < 2**63:
@@ -310,9 +286,7 @@ class Config:
         self.model.validate("model")
         self.train.validate("train")
         self.mlm.validate("mlm")
-        self.span.validate("span")
-        if self.model.family == "t5":
-            check_span_objective(self)
+        self.span.validate("span")  # lengths and sentinels: data.loader.check_objective, before a run starts
         self.parallel.validate("parallel")
         return self
 

@@ -275,9 +275,10 @@ def test_span_loader_refuses_more_spans_than_sentinels():
     (["model.block_size=2"], "sequences of 2 tokens are too short to corrupt at span.noise_density=0.15"),
     (["span.noise_density=1.5"], "span.noise_density must be in (0, 1), got 1.5"),
     (["span.mean_span_length=0.5"], "span.mean_span_length must be >= 1, got 0.5"),
-    (["data.tokenizer.sentinels=1"], "span: rows of model.block_size=32 get 2 noise spans but "
-                                     "data.tokenizer.sentinels=1"),
-    (["data.tokenizer.sentinels=0"], "span drops spans into sentinel tokens but data.tokenizer.sentinels is 0"),
+    (["data.tokenizer.sentinels=1"], "rows of 34 tokens get 2 noise spans but the tokenizer has 1 sentinels "
+                                     "(data.tokenizer.sentinels)"),
+    (["data.tokenizer.sentinels=0"], "span.objective=span drops spans into sentinel tokens but "
+                                     "data.tokenizer.sentinels is 0"),
     (["span.objective=mixture", "span.mixture=[{kind: span, weight: 0}]"],
      "span.mixture[0].weight must be positive, got 0.0"),
     (["span.objective=mixture", "span.mixture=[{kind: span, noise_density: 0}]"],

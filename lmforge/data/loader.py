@@ -357,15 +357,26 @@ def span_denoisers(config) -> list[Denoiser]:
     return [Denoiser(*setting[1:]) for setting in config.span.denoisers()]
 
 
-def check_given_tokenizer(config) -> None:
-    """Refuse, before any work, a data.tokenizer.path that cannot serve the run's objective (t5: sentinels)."""
+def check_objective(config) -> None:
+    """Refuse, before any work, a t5 run whose rows cannot be corrupted at model.block_size or get more
+    spans than the tokenizer has (or will have) sentinels; config: an lmforge Config."""
     from lmforge.data.tokenizer import load_tokenizer
 
-    path = config.data.tokenizer.path
-    if config.model.family == "t5" and path:
-        denoisers = span_denoisers(config)
-        check_sentinels(config.model.block_size, denoisers, span_vocab(load_tokenizer(path), denoisers),
-                        f"data.tokenizer.path={path}")
+    if config.model.family != "t5":
+        return
+    tok, denoisers = config.data.tokenizer, span_denoisers(config)
+    if config.model.block_size < 2:
+        raise LmforgeError(f"model.block_size={config.model.block_size} is too short for a t5 objective "
+                           f"(use at least 2)")
+    if tok.path:
+        check_sentinels(config.model.block_size, denoisers, span_vocab(load_tokenizer(tok.path), denoisers),
+                        f"data.tokenizer.path={tok.path}")
+        return
+    if tok.sentinels == 0 and any(d.kind == "span" for d in denoisers):
+        raise LmforgeError(f"span.objective={config.span.objective} drops spans into sentinel tokens but "
+                           f"data.tokenizer.sentinels is 0; give it at least one (T5: 100)")
+    planned = SpanVocab(eos=1, pad=0, sentinel_start=tok.sentinels, num_sentinels=tok.sentinels)
+    check_sentinels(config.model.block_size, denoisers, planned)
 
 
 def span_vocab(tokenizer, denoisers: list[Denoiser]) -> SpanVocab:

@@ -11,25 +11,22 @@ are initialised as in a new model and reported.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
 from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import architecture_of, config_from_hf, position_table, state_from_hf
-from lmforge.interop.hf_tokenizer import read_json, read_hf_tokenizer
+from lmforge.interop.hf_tokenizer import read_hf_tokenizer, read_json
+from lmforge.interop.hf_weights import read_hf_weights
 from lmforge.model.config import ModelConfig
 
 # model keys an import may change: the rest is the checkpoint's (config.json)
 ADJUSTABLE = {"dropout": "any value", "block_size": "at most the checkpoint's positions (the table is cut)"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -40,53 +37,6 @@ class Imported:
     parameters: int
     initialised: list[str] = field(default_factory=list)  # parts not in the checkpoint
     notes: list[str] = field(default_factory=list)
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # weights_only: a .bin is a pickle; never run the code a pickle can carry
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-        raise LmforgeError(f"{path} holds more than tensors and was not loaded: torch.load(weights_only=True) "
-                           f"refuses it ({first}); lmforge reads only plain tensors (safetensors, or a .bin of "
-                           f"tensors). Convert it to model.safetensors where you trust its source.") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise LmforgeError(f"{path} is not a readable PyTorch weights file ({exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LmforgeError(f"{path} is not a state dict (a mapping of names to tensors)")
-    return state
-
-
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".bin":
-        return _load_bin(path)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise LmforgeError(f"{path} is not a readable safetensors file ({exc})") from None
-
-
-def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """A transformers directory's weights (safetensors preferred; shards joined) and the file they came from."""
-    for name in WEIGHT_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        if not name.endswith(".index.json"):
-            return _load_file(path), name
-        shards = sorted(set(read_json(path).get("weight_map", {}).values()))
-        if not shards:
-            raise LmforgeError(f"{path} lists no weight files (weight_map)")
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if not (directory / shard).is_file():
-                raise LmforgeError(f"{path} names {shard}, which is not in {directory}")
-            state.update(_load_file(directory / shard))
-        return state, name
-    present = ", ".join(sorted(p.name for p in directory.iterdir() if p.is_file())) or "no files"
-    raise LmforgeError(f"no PyTorch weights in {directory} (found: {present}); supported: "
-                       f"{', '.join(WEIGHT_FILES)}")
 
 
 def _run_config(model: ModelConfig, tokenizer_path: Path, vocab: int, recipe: Optional[str],

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from lmforge.fileio import building_directory
 from lmforge.data.objectives.span import SENTINEL, SpanVocab
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf_import import read_hf_weights
+from lmforge.interop.hf_weights import read_hf_weights
 from lmforge.interop.hf_tokenizer import read_json
 from lmforge.model.config import ModelConfig
 from lmforge.model.t5 import T5, t5_sizes

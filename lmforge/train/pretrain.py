@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.config import Config
-from lmforge.data.loader import batch_layout, check_given_tokenizer, loader_for
+from lmforge.data.loader import batch_layout, check_objective, loader_for
 from lmforge.data.store import TokenStore
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256
 from lmforge.errors import LmforgeError
@@ -52,7 +52,7 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
     world = world_from_env()
     device = resolve_rank_device(config.train.device, world)
     batch_layout(config.train.batch_size, config.train.micro_batch_size, world.size)  # refuse bad input before work
-    check_given_tokenizer(config)
+    check_objective(config)
     check_launch(config.parallel, config.model, device, world)
     run = RunDir(run_dir)
     owner = take_ownership(run, resume) if world.is_main else None
