@@ -25,7 +25,7 @@ import numpy as np
 
 from tqdm import tqdm
 
-from lmforge.config import DataConfig
+from lmforge.config import FAMILY_TOKENIZER, DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
 from lmforge.data.store import (SplitWriter, TokenStore, dtype_for_vocab, move_tail, shard_is_intact, write_atomic,
                                 write_manifest)
@@ -41,8 +41,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
 
 
+def with_tokenizer_kind(config: DataConfig, family: str) -> DataConfig:
+    """`config` with data.tokenizer.kind auto resolved for `family` (a Config resolves it when loaded;
+    a DataConfig made in Python may still say auto)."""
+    if config.tokenizer.kind != "auto":
+        return config
+    return dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer,
+                                                                     kind=FAMILY_TOKENIZER[family]))
+
+
 def data_fingerprint(config: DataConfig, family: str) -> str:
     """Hash of everything that determines the store's content: the data config and the input files."""
+    config = with_tokenizer_kind(config, family)
     files = resolve_corpus_files(config.corpus)
     described = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     settings = _content_settings(config)
@@ -76,6 +86,7 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     workers: encoding (and curation) processes; default data.workers. The store does not depend on it.
     """
     workers = resolve_workers(config.workers if workers is None else workers)
+    config = with_tokenizer_kind(config, family)
     fingerprint = data_fingerprint(config, family)
     target = Path(out or config.store or cache_dir() / "stores" / fingerprint[:20])
     if (target / "manifest.json").is_file():
