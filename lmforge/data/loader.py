@@ -306,21 +306,22 @@ class SpanLoader(CLMLoader):
     its decoder inputs).
 
     Samples are blocks of the token stream, taken as CLMLoader takes them (a fresh shift and order each
-    epoch), of the raw length whose corrupted input fills block_size (`mixture_lengths`). Each sample is
-    corrupted with a Generator of (seed, epoch, position) alone, so a sample's example is the same in any
-    micro-batch, world size or resumed run. With one denoiser every example has the same widths (no
+    epoch, or random offsets), of the raw length whose corrupted input fills block_size
+    (`mixture_lengths`). Each sample is corrupted with a Generator of (seed, epoch, position) alone, so
+    a sample's example is the same in any micro-batch, world size or resumed run. With one denoiser every example has the same widths (no
     padding); a mixture pads to the widest. fixed=True: the first blocks in order, corrupted the same way
     at every reading (an evaluation set).
     """
 
     def __init__(self, split: SplitReader, vocab: SpanVocab, denoisers: list[Denoiser], block_size: int,
                  batch_size: int, seed: int, rank: int = 0, world_size: int = 1, fixed: bool = False,
-                 micro_batch_size: int = 0, workers: int = 0, pin_memory: bool = False,
+                 order: str = "blocks", micro_batch_size: int = 0, workers: int = 0, pin_memory: bool = False,
                  sentinels_key: str = "data.tokenizer.sentinels"):
+        """order: blocks | random, as CLMLoader's (train.windows); fixed overrides it with sequential."""
         self.vocab, self.denoisers, self.fixed = vocab, list(denoisers), fixed
         self.lengths = check_sentinels(block_size, self.denoisers, vocab, sentinels_key)
         super().__init__(split, self.lengths.tokens, batch_size, seed, rank, world_size,
-                         "sequential" if fixed else "blocks", micro_batch_size, workers, pin_memory)
+                         "sequential" if fixed else order, micro_batch_size, workers, pin_memory)
 
     def examples(self, samples: np.ndarray) -> Batch:
         """Corrupted blocks of these samples, as int64 tensors."""
@@ -425,7 +426,7 @@ def loader_for(config, store, split: str, training: bool, rank: int = 0, world_s
         tok = config.data.tokenizer
         vocab = span_vocab(load_tokenizer(store.tokenizer_path), denoisers)
         return SpanLoader(store.split(split), vocab, denoisers, config.model.block_size, tc.batch_size,
-                          tc.seed if training else 0, fixed=not training, **layout,
+                          tc.seed if training else 0, fixed=not training, order=tc.windows, **layout,
                           sentinels_key=f"data.tokenizer.path={tok.path}" if tok.path else "data.tokenizer.sentinels")
     return CLMLoader(store.split(split), config.model.block_size, tc.batch_size, tc.seed if training else 0,
                      order=tc.windows if training else "sequential", **layout)
