@@ -305,10 +305,10 @@ class SpanLoader(CLMLoader):
     """T5 denoising examples: {"input_ids", "attention_mask", "labels"} (the model shifts labels right for
     its decoder inputs).
 
-    Samples are blocks of the token stream, taken as CLMLoader takes them (a fresh shift and order each
-    epoch, or random offsets), of the raw length whose corrupted input fills block_size
-    (`mixture_lengths`). Each sample is corrupted with a Generator of (seed, epoch, position) alone, so
-    a sample's example is the same in any micro-batch, world size or resumed run. With one denoiser every example has the same widths (no
+    Samples are blocks of the token stream, taken as CLMLoader takes them (a fresh shift and order each epoch,
+    or random offsets), of the raw length whose corrupted input fills block_size (`mixture_lengths`). Each
+    sample is corrupted with a Generator of (seed, epoch, position) alone, so a sample's example is the same
+    in any micro-batch, world size or resumed run. With one denoiser every example has the same widths (no
     padding); a mixture pads to the widest. fixed=True: the first blocks in order, corrupted the same way
     at every reading (an evaluation set).
     """

@@ -1,8 +1,8 @@
 """`lmforge export RUN --to hf OUT`: a run's checkpoint as a transformers model directory.
 
 GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout), T5 runs ->
-T5ForConditionalGeneration (lmforge/interop/hf_t5.py), BERT runs -> BertForPreTraining (which BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT
-classifiers -> BertForSequenceClassification with their label names; each with config.json,
+T5ForConditionalGeneration (lmforge/interop/hf_t5.py), BERT runs -> BertForPreTraining (which
+BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT classifiers -> BertForSequenceClassification with their label names; each with config.json,
 model.safetensors and the tokenizer files, GPT models also with generation_config.json. Nothing here
 needs transformers installed.
 """
