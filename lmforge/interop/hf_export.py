@@ -2,9 +2,10 @@
 
 GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout), T5 runs ->
 T5ForConditionalGeneration (lmforge/interop/hf_t5.py), BERT runs -> BertForPreTraining (which
-BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT classifiers -> BertForSequenceClassification with their label names; each with config.json,
-model.safetensors and the tokenizer files, GPT models also with generation_config.json. Nothing here
-needs transformers installed.
+BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT classifiers ->
+BertForSequenceClassification with their label names; each with config.json, model.safetensors and the
+tokenizer files, GPT and T5 models also with generation_config.json. Nothing here needs transformers
+installed.
 """
 
 from __future__ import annotations
