@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -90,7 +91,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if sample is not None:
         (run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         print("\n--- sample " + "-" * 60 + f"\n{sample}\n" + "-" * 71)
-    if "val_mlm_loss" in result.val_metrics:
+    if "val_mlm_loss" in result.val_metrics or "val_token_acc" in result.val_metrics:
         from lmforge.train.evaluate import describe_metrics
 
         shown = describe_metrics(result.val_metrics)
@@ -169,18 +170,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_sampling_flags(args)
     device = resolve_device(args.device)
     run = load_run(args.run, args.checkpoint, device)
-    if run.config.model.family != "gpt":
-        raise LmforgeError(f"generate needs a decoder (gpt) run; {args.run} is a {run.config.model.family} run"
-                           + (" (try: lmforge fill-mask)" if run.config.model.family == "bert" else ""))
+    family = run.config.model.family
+    if family == "bert":
+        raise LmforgeError(f"generate needs a decoder (gpt) or encoder-decoder (t5) run; {args.run} is a bert run "
+                           f"(try: lmforge fill-mask)")
+    if family != "t5" and (args.beams != 1 or args.length_penalty != 1.0 or args.early_stopping):
+        raise LmforgeError(f"--beams, --length-penalty and --early-stopping apply to t5 runs; {args.run} is a "
+                           f"{family} run")
     tokenizer = run.tokenizer
     encoding = tokenizer.encode(args.prompt, add_special_tokens=False)
     warn_unknown(tokenizer, [args.prompt], [encoding], "the prompt")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if family == "t5":
+        from lmforge.run import fill_text
+
+        if args.max_new_tokens < 1:
+            raise LmforgeError(f"--max-new-tokens must be >= 1 for a t5 run, got {args.max_new_tokens}")
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1}")
+            print(fill_text(run.model, tokenizer, args.prompt, args.max_new_tokens, device, args.temperature,
+                            args.top_k, args.top_p, args.beams, args.length_penalty, args.early_stopping, generator))
+        return 0
     ids = encoding.ids
     if not ids:
         from lmforge.data.tokenizer import eos_id
 
         ids = [eos_id(tokenizer)]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         out = generate(run.model, torch.tensor([ids], device=device), args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
@@ -204,6 +220,10 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         raise LmforgeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.beams < 1:
+        raise LmforgeError(f"--beams must be >= 1 (1 = no beam search), got {args.beams}")
+    if not math.isfinite(args.length_penalty):
+        raise LmforgeError(f"--length-penalty must be a finite number, got {args.length_penalty}")
     check_seed(args.seed, "--seed")
 
 
@@ -405,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of the validation split: loss, perplexity or masked accuracy, bits per byte")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("generate", help="sample text from a decoder run")
+    p = sub.add_parser("generate", help="sample text from a decoder run; fill the <extra_id_N> spans of a t5 prompt")
     _add_run_args(p)
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -415,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "probability >= p, in (0, 1] (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="in [0, 2**63)")
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--beams", type=int, default=1, help="t5: beam search of this width (1 = greedy / sampling)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="t5 beams: finished hypotheses score sum log p / length ** this")
+    p.add_argument("--early-stopping", action="store_true",
+                   help="t5 beams: stop once --beams hypotheses are finished")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fill-mask", help="top-k predictions for each [MASK] in a text (bert runs)")

@@ -24,14 +24,18 @@ DEFAULT_RECIPE = "shakespeare-char"
 
 @dataclass
 class TokenizerConfig:
-    # char: one token per character; bpe: byte-level BPE (GPT-2); wordpiece: BERT's; unigram: SentencePiece-style
-    kind: Literal["char", "bpe", "wordpiece", "unigram"] = "bpe"
+    # char: one token per character; bpe: byte-level BPE (GPT-2); wordpiece: BERT's; unigram: SentencePiece-style.
+    # auto: the model family's own (t5: unigram; gpt, bert: bpe), resolved when the config is loaded.
+    kind: Literal["auto", "char", "bpe", "wordpiece", "unigram"] = "auto"
     vocab_size: int = 8192  # target size for bpe / wordpiece / unigram; ignored for char
     lowercase: bool = True  # wordpiece only: BERT "uncased" normalisation (lower-case, strip accents)
     path: Optional[str] = None  # use an existing tokenizer.json instead of training one
     train_max_bytes: int = 200_000_000  # train on at most this much text (a bounded sample of the corpus)
+    sentinels: int = 100  # t5 only: <extra_id_0> ... at the vocabulary's end (counted within vocab_size)
 
     def validate(self, prefix: str) -> None:
+        if self.sentinels < 0:
+            raise LmforgeError(f"{prefix}.sentinels must be >= 0, got {self.sentinels}")
         if self.kind == "bpe" and self.path is None and self.vocab_size < 257:
             raise LmforgeError(f"{prefix}.vocab_size must be at least 257 for byte-level bpe, got {self.vocab_size}")
         if self.train_max_bytes <= 0:
@@ -180,6 +184,9 @@ class TrainConfig:
         check_seed(self.seed, f"{prefix}.seed")
 
 
+FAMILY_TOKENIZER = {"gpt": "bpe", "bert": "bpe", "t5": "unigram"}  # data.tokenizer.kind auto
+
+
 def check_seed(seed: int, name: str) -> None:
     """Seeds feed numpy's SeedSequence (non-negative) and torch's generators (64 bits): [0, 2**63) suits both."""
     if not 0 <= seed < 2**63:
@@ -209,6 +216,54 @@ class MLMConfig:
 
 
 @dataclass
+class DenoiserConfig:
+    """One objective of a span.mixture, drawn per example with probability weight / sum of weights."""
+
+    kind: Literal["span", "prefix_lm"] = "span"
+    weight: float = 1.0
+    noise_density: float = 0.15  # span only
+    mean_span_length: float = 3.0  # span only
+
+
+def _ul2_mixture() -> list[DenoiserConfig]:
+    # UL2's three kinds: regular spans, extreme (long, dense) spans, and prefix LM
+    return [DenoiserConfig("span", 2.0), DenoiserConfig("span", 1.0, 0.5, 32.0), DenoiserConfig("prefix_lm", 1.0)]
+
+
+@dataclass
+class SpanConfig:
+    """T5's denoising objective (used when model.family is t5); see lmforge/data/objectives/span.py."""
+
+    objective: Literal["span", "prefix_lm", "mixture"] = "span"
+    noise_density: float = 0.15  # span: fraction of each row's tokens dropped into spans
+    mean_span_length: float = 3.0  # span: average tokens per dropped span
+    mixture: list[DenoiserConfig] = field(default_factory=_ul2_mixture)  # mixture: the denoisers and weights
+
+    def validate(self, prefix: str) -> None:
+        settings = [(prefix, self.noise_density, self.mean_span_length)]
+        if self.objective == "mixture":
+            if not self.mixture:
+                raise LmforgeError(f"{prefix}.mixture must name at least one denoiser for {prefix}.objective=mixture")
+            for i, d in enumerate(self.mixture):
+                if not d.weight > 0:
+                    raise LmforgeError(f"{prefix}.mixture[{i}].weight must be positive, got {d.weight}")
+            settings = [(f"{prefix}.mixture[{i}]", d.noise_density, d.mean_span_length)
+                        for i, d in enumerate(self.mixture) if d.kind == "span"]
+        for where, density, span in settings:
+            if not 0.0 < density < 1.0:
+                raise LmforgeError(f"{where}.noise_density must be in (0, 1), got {density}")
+            if not span >= 1.0:
+                raise LmforgeError(f"{where}.mean_span_length must be >= 1, got {span}")
+
+    def denoisers(self) -> list[tuple[str, str, float, float, float]]:
+        """(key, kind, weight, noise_density, mean_span_length) of every objective the run draws from."""
+        if self.objective == "mixture":
+            return [(f"span.mixture[{i}]", d.kind, d.weight, d.noise_density, d.mean_span_length)
+                    for i, d in enumerate(self.mixture)]
+        return [("span", self.objective, 1.0, self.noise_density, self.mean_span_length)]
+
+
+@dataclass
 class ParallelConfig:
     """How a run launched with torchrun on several processes shares the work (ignored in one process)."""
 
@@ -233,13 +288,17 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlm: MLMConfig = field(default_factory=MLMConfig)
+    span: SpanConfig = field(default_factory=SpanConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
+        if self.data.tokenizer.kind == "auto":  # resolved here, so a saved config (and a store's key) says which
+            self.data.tokenizer.kind = FAMILY_TOKENIZER[self.model.family]
         self.data.validate("data")
         self.model.validate("model")
         self.train.validate("train")
         self.mlm.validate("mlm")
+        self.span.validate("span")  # lengths and sentinels: data.loader.check_objective, before a run starts
         self.parallel.validate("parallel")
         return self
 

@@ -17,7 +17,8 @@ from lmforge.model import build_model
 from lmforge.train.checkpoint import Checkpoint, find_checkpoint, load_model_weights
 from lmforge.train.rundir import CONFIG_FILE, TOKENIZER_FILE, RunDir, open_recorded_store
 
-__all__ = ["CONFIG_FILE", "TOKENIZER_FILE", "LoadedRun", "load_run", "load_run_config", "run_store", "sample_text"]
+__all__ = ["CONFIG_FILE", "TOKENIZER_FILE", "LoadedRun", "fill_text", "load_run", "load_run_config", "run_store",
+           "sample_text"]
 
 
 def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> Config:
@@ -69,9 +70,32 @@ def sample_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tok
     return tokenizer.decode(out[0].tolist())
 
 
+def fill_text(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int, device: torch.device,
+              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool = False,
+              generator: Optional[torch.Generator] = None) -> str:
+    """A t5 model's answer to `prompt`, for people: a line per sentinel of the prompt with the span the
+    model wrote for it, then the prompt with the spans filled in; for a prompt without sentinels, the
+    text the model writes."""
+    from lmforge.data.objectives.span import SENTINEL, SpanVocab
+    from lmforge.infer.seq2seq import fill_spans, generate_seq2seq
+
+    vocab = SpanVocab.from_tokenizer(tokenizer)
+    ids = tokenizer.encode(prompt).ids  # ends with </s>, as the encoder read its inputs in pretraining
+    out = generate_seq2seq(model, torch.tensor([ids], device=device), None, max_new_tokens, temperature, top_k,
+                           top_p, generator, num_beams, length_penalty, early_stopping, eos_id=vocab.eos)[0].tolist()
+    sentinels = [t for t in ids if vocab.is_sentinel(t)]
+    if not sentinels:
+        return tokenizer.decode(out)
+    lines = [f"{SENTINEL.format(vocab.sentinel_start - s)}: {tokenizer.decode(fill_spans([s], out, vocab))!r}"
+             for s in sentinels]
+    return "\n".join([*lines, tokenizer.decode(fill_spans(ids, out, vocab))])
+
+
 def sample_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Optional[str]:
     """The end-of-pretraining sample of a run's final checkpoint (train.sample_prompt / sample_tokens):
-    a continuation for decoders, the [MASK] fill for encoders; None when the recipe asks for none."""
+    a continuation for decoders, the [MASK] fill for encoders, the spans of the prompt's sentinels for
+    encoder-decoders (greedy); None when the recipe asks for none."""
     from lmforge.infer.fill_mask import describe as describe_fill_mask
     from lmforge.infer.fill_mask import fill_mask
 
@@ -85,4 +109,6 @@ def sample_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Optio
             return None
         return tc.sample_prompt + "\n" + describe_fill_mask(fill_mask(run.model, run.tokenizer, tc.sample_prompt,
                                                                       top_k=5, device=device))
+    if run.config.model.family == "t5":
+        return tc.sample_prompt + "\n" + fill_text(run.model, run.tokenizer, tc.sample_prompt, tc.sample_tokens, device)
     return sample_text(run.model, run.tokenizer, tc.sample_prompt, tc.sample_tokens, device, seed=tc.seed)

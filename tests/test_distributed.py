@@ -144,6 +144,38 @@ def test_single_process_tools_read_distributed_checkpoints(gpt_runs, monkeypatch
     assert capsys.readouterr().out.startswith("The ")
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_t5_on_two_processes_matches_one_process(tmp_path, monkeypatch, strategy):
+    """Encoder and decoder blocks are FSDP units (and checkpointed); DDP with accumulation; same losses."""
+    from test_t5_pretrain import t5_config_dict
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 40, encoding="utf-8")
+    config = tmp_path / "t5.yaml"
+    config.write_text(yaml.safe_dump(t5_config_dict(corpus, dropout=0.0, steps=8, eval_every=4, checkpoint_every=4,
+                                                     sample_tokens=0)))
+    env = _env(tmp_path / "cache")
+    monkeypatch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "one")]) == 0
+    extra = (["--set", "parallel.strategy=fsdp", "--set", "parallel.activation_checkpointing=true"]
+             if strategy == "fsdp" else ["--set", "train.micro_batch_size=2"])
+    _torchrun("pretrain", "--config", str(config), "--out", str(tmp_path / "two"), *extra, env=env)
+    _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+    _assert_close(_val_losses(tmp_path / "one"), _val_losses(tmp_path / "two"))
+    if strategy == "fsdp":
+        shards = sorted(p.name for p in (tmp_path / "two/checkpoints/step-000008/dcp").iterdir())
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_fsdp_units_of_t5_are_its_encoder_and_decoder_blocks():
+    from lmforge.model import build_model
+    from lmforge.model.config import ModelConfig
+
+    model = build_model(ModelConfig(family="t5", n_layer=3, n_decoder_layer=2, vocab_size=16))
+    units = fsdp_units(model, "t5")
+    assert units == [*model.encoder.blocks, *model.decoder.blocks]
+
+
 def _bert_config(root: Path, **train) -> Path:
     from test_bert_cli import _config
 

@@ -404,8 +404,10 @@ def test_import_refuses_bad_input_with_clear_messages(tmp_path):
     _edit_config(directory, architectures=["BertForQuestionAnswering"])
     message = refused("unsupported architecture BertForQuestionAnswering")
     assert "GPT2LMHeadModel" in message and "BertModel" in message
-    _edit_config(directory, model_type="t5", architectures=["T5ForConditionalGeneration"])
-    assert "BertForPreTraining" in refused("model_type='t5' \\(T5ForConditionalGeneration\\)")
+    _edit_config(directory, model_type="bart", architectures=["BartForConditionalGeneration"])
+    assert "BertForPreTraining" in refused("model_type='bart' \\(BartForConditionalGeneration\\)")
+    _edit_config(directory, model_type="t5", architectures=["T5ForConditionalGeneration"])  # read as T5
+    refused("config.json: config key 'd_model' is missing")
     (directory / "config.json").write_text(original)
     _edit_config(directory, intermediate_size=80)
     refused("intermediate_size=80 is not a whole multiple of the width 32")

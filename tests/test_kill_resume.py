@@ -93,3 +93,19 @@ def test_killed_fine_tunes_resume_bit_identically(tmp_path):
                                                      *common),
                                      "finetune", reference, tmp_path, env, random.Random(1), attempts=2, wait=1.0)
     assert kills >= 1
+
+
+def test_killed_t5_runs_resume_bit_identically(tmp_path, corpus_file):
+    """Span corruption redraws its masks from (seed, epoch, position): a killed T5 run (dropout 0.1) resumes exactly."""
+    from test_t5_pretrain import t5_config_dict
+
+    config = tmp_path / "t5.yaml"
+    config.write_text(yaml.safe_dump(t5_config_dict(corpus_file, steps=40, checkpoint_every=1, keep_checkpoints=2,
+                                                    eval_every=20, sample_tokens=0)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_CACHE": str(tmp_path / "cache")}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli("pretrain", "--config", str(config), "--out", str(reference)), env=env, check=True,
+                   capture_output=True)
+    kills = _kill_resume_and_compare(lambda run: _cli("pretrain", "--config", str(config), "--out", str(run)),
+                                     "pretrain", reference, tmp_path, env, random.Random(2), attempts=2, wait=1.5)
+    assert kills >= 1

@@ -1,6 +1,7 @@
 """Turn document texts into the id sequences a token store holds, per model family.
 
 gpt:  each document's ids followed by the end-of-text token (documents pack back to back for CLM).
+t5:   the same with T5's `</s>`: span corruption packs documents back to back as T5 does.
 bert: each document split into sentences; every sentence's ids followed by [SEP], which marks the
       sentence boundary that next-sentence-prediction examples are cut at (see objectives/mlm.py).
 A text longer than `max_chars` is encoded in pieces of at most that many characters, so no document,
@@ -20,7 +21,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.fast_encoder import Encode, batch_encoder
 from lmforge.data.sentences import split_sentences
-from lmforge.data.tokenizer import EOS, SEP, special_id
+from lmforge.data.tokenizer import EOS, SEP, T5_EOS, special_id
 
 MAX_DOCUMENT_CHARS = 1_000_000  # data.max_document_chars' default
 # A space between two non-space characters: no pre-token of GPT-2's byte-level BPE, BERT's WordPiece,
@@ -30,9 +31,11 @@ _WHITESPACE = re.compile(r"\s")
 
 
 def boundary_token(tokenizer: Tokenizer, family: str) -> int:
-    """The id that ends each stored unit: a document (gpt) or a sentence (bert)."""
+    """The id that ends each stored unit: a document (gpt, t5) or a sentence (bert)."""
     if family == "bert":
         return special_id(tokenizer, SEP, "BERT needs to mark sentence boundaries")
+    if family == "t5":
+        return special_id(tokenizer, T5_EOS, "T5 ends each document with (train the tokenizer with model.family t5)")
     return special_id(tokenizer, EOS, "a causal LM needs to separate documents")
 
 

@@ -7,7 +7,7 @@ the same for any number of processes and any micro-batch size. The position is t
 sample that starts the next global batch, so `state_dict()` is tiny, resumption is exact, and a run
 may resume with another world size. Each loader turns the sample indices of a micro-batch into
 examples, all at once with array operations: CLMLoader blocks of the token stream, MLMLoader masked
-BERT sentence pairs.
+BERT sentence pairs, SpanLoader T5's denoising examples (corrupted blocks of the stream).
 
 With `workers` > 0, micro-batches are built ahead in that many background processes (a torch
 DataLoader over the same (start, micro-batch) keys, in order, `PREFETCH_PER_WORKER` each ahead, pinned
@@ -30,6 +30,8 @@ import torch.utils.data
 from lmforge.data.objectives.clm import epoch_starts, inputs_and_labels, num_blocks
 from lmforge.data.objectives.mlm import (BertVocab, MaskingSpec, PlanStats, SentenceIndex, build_pairs,
                                          check_whole_word, mask_batch, mask_draws, plan_epoch)
+from lmforge.data.objectives.span import (Denoiser, SpanLengths, SpanVocab, denoise, denoise_mixture,
+                                          mixture_lengths, span_counts)
 from lmforge.data.store import SplitReader
 from lmforge.errors import LmforgeError
 
@@ -301,6 +303,95 @@ class MLMLoader(_Loader):
         return getattr(self, "plan_stats", None)
 
 
+class SpanLoader(CLMLoader):
+    """T5 denoising examples: {"input_ids", "attention_mask", "labels"} (the model shifts labels right for
+    its decoder inputs).
+
+    Samples are blocks of the token stream, taken as CLMLoader takes them (a fresh shift and order each epoch,
+    or random offsets), of the raw length whose corrupted input fills block_size (`mixture_lengths`). Each
+    sample is corrupted with a Generator of (seed, epoch, position) alone, so a sample's example is the same
+    in any micro-batch, world size or resumed run. With one denoiser every example has the same widths (no
+    padding); a mixture pads to the widest. fixed=True: the first blocks in order, corrupted the same way
+    at every reading (an evaluation set).
+    """
+
+    def __init__(self, split: SplitReader, vocab: SpanVocab, denoisers: list[Denoiser], block_size: int,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1, fixed: bool = False,
+                 order: str = "blocks", micro_batch_size: int = 0, workers: int = 0, pin_memory: bool = False,
+                 sentinels_key: str = "data.tokenizer.sentinels"):
+        """order: blocks | random, as CLMLoader's (train.windows); fixed overrides it with sequential."""
+        self.vocab, self.denoisers, self.fixed = vocab, list(denoisers), fixed
+        self.lengths = check_sentinels(block_size, self.denoisers, vocab, sentinels_key)
+        super().__init__(split, self.lengths.tokens, batch_size, seed, rank, world_size,
+                         "sequential" if fixed else order, micro_batch_size, workers, pin_memory)
+
+    def examples(self, samples: np.ndarray) -> Batch:
+        """Corrupted blocks of these samples, as int64 tensors."""
+        rows = self.split.take(self._starts(samples)[:, None] + np.arange(self.block_size))
+        epochs, positions = np.divmod(samples, self.blocks_per_epoch)
+        if self.fixed:
+            epochs = np.zeros_like(epochs)
+        parts = [self._corrupt(row[None], np.random.default_rng([self.seed, int(e), int(p), 2]))
+                 for row, e, p in zip(rows, epochs, positions)]
+        return {key: torch.from_numpy(np.concatenate([getattr(part, key) for part in parts]).astype(np.int64))
+                for key in ("input_ids", "attention_mask", "labels")}
+
+    def _corrupt(self, row: np.ndarray, rng: np.random.Generator):
+        if len(self.denoisers) == 1:
+            return denoise(row, rng, self.vocab, self.denoisers[0])
+        return denoise_mixture(row, rng, self.vocab, self.denoisers)
+
+
+def check_sentinels(block_size: int, denoisers: list[Denoiser], vocab: SpanVocab,
+                    sentinels_key: str = "data.tokenizer.sentinels") -> SpanLengths:
+    """The row lengths of the objective at block_size; an error if a row gets more spans than `vocab` has sentinels."""
+    lengths = mixture_lengths(block_size, denoisers)
+    for d in denoisers:
+        spans = span_counts(lengths.tokens, d.noise_density, d.mean_span_length)[1] if d.kind == "span" else 0
+        if spans > vocab.num_sentinels:
+            raise LmforgeError(f"rows of {lengths.tokens} tokens get {spans} noise spans but the tokenizer has "
+                               f"{vocab.num_sentinels} sentinels ({sentinels_key}); lower span.noise_density or "
+                               f"model.block_size, or raise span.mean_span_length")
+    return lengths
+
+
+def span_denoisers(config) -> list[Denoiser]:
+    """The denoisers a Config's span section names (one, or the mixture)."""
+    return [Denoiser(*setting[1:]) for setting in config.span.denoisers()]
+
+
+def check_objective(config) -> None:
+    """Refuse, before any work, a t5 run whose rows cannot be corrupted at model.block_size or get more
+    spans than the tokenizer has (or will have) sentinels; config: an lmforge Config."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    if config.model.family != "t5":
+        return
+    tok, denoisers = config.data.tokenizer, span_denoisers(config)
+    if config.model.block_size < 2:
+        raise LmforgeError(f"model.block_size={config.model.block_size} is too short for a t5 objective "
+                           f"(use at least 2)")
+    if tok.path:
+        check_sentinels(config.model.block_size, denoisers, span_vocab(load_tokenizer(tok.path), denoisers),
+                        f"data.tokenizer.path={tok.path}")
+        return
+    if tok.sentinels == 0 and any(d.kind == "span" for d in denoisers):
+        raise LmforgeError(f"span.objective={config.span.objective} drops spans into sentinel tokens but "
+                           f"data.tokenizer.sentinels is 0; give it at least one (T5: 100)")
+    planned = SpanVocab(eos=1, pad=0, sentinel_start=tok.sentinels, num_sentinels=tok.sentinels)
+    check_sentinels(config.model.block_size, denoisers, planned)
+
+
+def span_vocab(tokenizer, denoisers: list[Denoiser]) -> SpanVocab:
+    """The ids the objective writes; prefix LM alone needs no sentinels."""
+    if any(d.kind == "span" for d in denoisers):
+        return SpanVocab.from_tokenizer(tokenizer)
+    from lmforge.data.tokenizer import T5_EOS, T5_PAD, special_id
+
+    why = "the t5 objectives need (train the tokenizer with model.family t5)"
+    return SpanVocab(special_id(tokenizer, T5_EOS, why), special_id(tokenizer, T5_PAD, why), 0, 0)
+
+
 def loader_for(config, store, split: str, training: bool, rank: int = 0, world_size: int = 1,
                pin_memory: Optional[bool] = None) -> _Loader:
     """The loader of the run's objective over `split` of `store`: shuffled for training, fixed for evaluation.
@@ -332,5 +423,12 @@ def loader_for(config, store, split: str, training: bool, rank: int = 0, world_s
         return MLMLoader(store.split(split), vocab, config.model.block_size, tc.batch_size,
                          tc.seed if training else 0, spec, m.short_seq_prob, m.next_sentence,
                          shuffle=training, **layout)
+    if family == "t5":
+        denoisers = span_denoisers(config)
+        tok = config.data.tokenizer
+        vocab = span_vocab(load_tokenizer(store.tokenizer_path), denoisers)
+        return SpanLoader(store.split(split), vocab, denoisers, config.model.block_size, tc.batch_size,
+                          tc.seed if training else 0, fixed=not training, order=tc.windows, **layout,
+                          sentinels_key=f"data.tokenizer.path={tok.path}" if tok.path else "data.tokenizer.sentinels")
     return CLMLoader(store.split(split), config.model.block_size, tc.batch_size, tc.seed if training else 0,
                      order=tc.windows if training else "sequential", **layout)

@@ -28,7 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lmforge.config import DataConfig
+from lmforge.config import FAMILY_TOKENIZER, DataConfig
 from lmforge.data.corpus import CorpusStats, Document, iter_documents, resolve_corpus_files
 from lmforge.data.store import (SplitWriter, StoreWriteError, TokenStore, dtype_for_vocab, move_tail,
                                 shard_is_intact, write_atomic, write_manifest, writing)
@@ -50,8 +50,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
 
 
+def with_tokenizer_kind(config: DataConfig, family: str) -> DataConfig:
+    """`config` with data.tokenizer.kind auto resolved for `family` (a Config resolves it when loaded;
+    a DataConfig made in Python may still say auto)."""
+    if config.tokenizer.kind != "auto":
+        return config
+    return dataclasses.replace(config, tokenizer=dataclasses.replace(config.tokenizer,
+                                                                     kind=FAMILY_TOKENIZER[family]))
+
+
 def data_fingerprint(config: DataConfig, family: str) -> str:
     """Hash of everything that determines the store's content: the data config and the input files."""
+    config = with_tokenizer_kind(config, family)
     files = resolve_corpus_files(config.corpus)
     described = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     settings = _content_settings(config)
@@ -87,6 +97,7 @@ def prepare(config: DataConfig, family: str = "gpt", out: str | Path | None = No
     workers: encoding (and curation) processes; default data.workers. The store does not depend on it.
     """
     workers = resolve_workers(config.workers if workers is None else workers)
+    config = with_tokenizer_kind(config, family)
     fingerprint = data_fingerprint(config, family)
     target = Path(out) if out else store_location(config, family, fingerprint)
     if (target / "manifest.json").is_file():
@@ -325,9 +336,9 @@ def _build(config: DataConfig, family: str, root: Path, state: dict, workers: in
     manifest = {
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "vocab_size": vocab_size,
-        # gpt: end-of-text after each document; bert: [SEP] after each sentence
+        # gpt: end-of-text after each document; t5: </s> after each document; bert: [SEP] after each sentence
         "boundary_id": boundary,
-        **({"eos_id": boundary} if family == "gpt" else {"sentence_end_id": boundary}),
+        **({"sentence_end_id": boundary} if family == "bert" else {"eos_id": boundary}),
         "dtype": dtype.name,
         "family": family,
         "splits": splits,

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 from tokenizers import Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmforge.config import TokenizerConfig
+from lmforge.config import FAMILY_TOKENIZER, TokenizerConfig
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, family: str =
         raise LmforgeError(f"no tokenizer recipe for model family {family!r} (known: {', '.join(SPECIAL_TOKENS)})")
     specials = SPECIAL_TOKENS[family]
     sample = _take_bytes(texts, config.train_max_bytes)
+    if config.kind == "auto":
+        config = dataclasses.replace(config, kind=FAMILY_TOKENIZER[family])
     if family == "t5":  # the sentinels are part of the requested vocabulary size, as in T5's 32,000 + 100
-        config = dataclasses.replace(config, vocab_size=max(config.vocab_size - T5_SENTINELS, len(specials) + 1))
+        config = dataclasses.replace(config, vocab_size=max(config.vocab_size - config.sentinels, len(specials) + 1))
     if config.kind == "char":
         tokenizer = _train_char(sample, specials, UNK_TOKEN[family])
     elif config.kind == "wordpiece":
@@ -85,7 +87,7 @@ def train_tokenizer(texts: Iterable[str], config: TokenizerConfig, family: str =
     if family == "bert":
         add_bert_template(tokenizer)
     if family == "t5":
-        add_t5_sentinels_and_template(tokenizer)
+        add_t5_sentinels_and_template(tokenizer, config.sentinels)
     return tokenizer
 
 

@@ -1,10 +1,11 @@
 """`lmforge export RUN --to hf OUT`: a run's checkpoint as a transformers model directory.
 
-GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout), BERT runs ->
-BertForPreTraining (which BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT
-classifiers -> BertForSequenceClassification with their label names; each with config.json,
-model.safetensors and the tokenizer files, GPT models also with generation_config.json. Nothing here
-needs transformers installed.
+GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout), T5 runs ->
+T5ForConditionalGeneration (lmforge/interop/hf_t5.py), BERT runs -> BertForPreTraining (which
+BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT classifiers ->
+BertForSequenceClassification with their label names; each with config.json, model.safetensors and the
+tokenizer files, GPT and T5 models also with generation_config.json. Nothing here needs transformers
+installed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from lmforge.model.config import ModelConfig
 
 AUTO_CLASS = {"GPT2LMHeadModel": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
               "BertForPreTraining": "AutoModelForPreTraining",
-              "BertForSequenceClassification": "AutoModelForSequenceClassification"}
+              "BertForSequenceClassification": "AutoModelForSequenceClassification",
+              "T5ForConditionalGeneration": "AutoModelForSeq2SeqLM"}
 
 
 def architecture(config: ModelConfig) -> str:
@@ -36,7 +38,9 @@ def architecture(config: ModelConfig) -> str:
         return "BertForPreTraining"
     if config.family == "gpt":
         return "LlamaForCausalLM" if config.layout == "llama" else "GPT2LMHeadModel"
-    raise LmforgeError(f"no transformers export for model.family={config.family} (exportable: gpt, bert)")
+    if config.family == "t5":
+        return "T5ForConditionalGeneration"
+    raise LmforgeError(f"no transformers export for model.family={config.family} (exportable: gpt, bert, t5)")
 
 
 @dataclass
@@ -71,7 +75,16 @@ def write_hf_dir(out: Path, hf_config: dict[str, Any], hf_state: dict[str, torch
 
 
 def export_model(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Tokenizer, out: Path) -> list[str]:
-    """Our pretraining model (GPT or BERT) -> a GPT2LMHeadModel / LlamaForCausalLM / BertForPreTraining directory."""
+    """Our pretraining model -> a GPT2LMHeadModel / LlamaForCausalLM / BertForPreTraining /
+    T5ForConditionalGeneration directory."""
+    if config.family == "t5":
+        from lmforge.interop.hf_t5 import export_t5
+        from lmforge.model.t5 import T5
+
+        with torch.device("meta"):  # the weights are `state`'s own tensors, not copies
+            model = T5(config)
+        model.load_state_dict(state, assign=True)
+        return export_t5(model, out, tokenizer)
     if config.family == "gpt":
         eos = tokenizer.token_to_id(EOS)
         if eos is None:

@@ -11,25 +11,22 @@ are initialised as in a new model and reported.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
 from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import architecture_of, config_from_hf, position_table, state_from_hf
-from lmforge.interop.hf_tokenizer import read_json, read_hf_tokenizer
+from lmforge.interop.hf_tokenizer import read_hf_tokenizer, read_json
+from lmforge.interop.hf_weights import read_hf_weights
 from lmforge.model.config import ModelConfig
 
 # model keys an import may change: the rest is the checkpoint's (config.json)
 ADJUSTABLE = {"dropout": "any value", "block_size": "at most the checkpoint's positions (the table is cut)"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -42,55 +39,8 @@ class Imported:
     notes: list[str] = field(default_factory=list)
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        # weights_only: a .bin is a pickle; never run the code a pickle can carry
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-        raise LmforgeError(f"{path} holds more than tensors and was not loaded: torch.load(weights_only=True) "
-                           f"refuses it ({first}); lmforge reads only plain tensors (safetensors, or a .bin of "
-                           f"tensors). Convert it to model.safetensors where you trust its source.") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise LmforgeError(f"{path} is not a readable PyTorch weights file ({exc})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LmforgeError(f"{path} is not a state dict (a mapping of names to tensors)")
-    return state
-
-
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".bin":
-        return _load_bin(path)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise LmforgeError(f"{path} is not a readable safetensors file ({exc})") from None
-
-
-def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """A transformers directory's weights (safetensors preferred; shards joined) and the file they came from."""
-    for name in WEIGHT_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        if not name.endswith(".index.json"):
-            return _load_file(path), name
-        shards = sorted(set(read_json(path).get("weight_map", {}).values()))
-        if not shards:
-            raise LmforgeError(f"{path} lists no weight files (weight_map)")
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if not (directory / shard).is_file():
-                raise LmforgeError(f"{path} names {shard}, which is not in {directory}")
-            state.update(_load_file(directory / shard))
-        return state, name
-    present = ", ".join(sorted(p.name for p in directory.iterdir() if p.is_file())) or "no files"
-    raise LmforgeError(f"no PyTorch weights in {directory} (found: {present}); supported: "
-                       f"{', '.join(WEIGHT_FILES)}")
-
-
 def _run_config(model: ModelConfig, tokenizer_path: Path, vocab: int, recipe: Optional[str],
-                overrides: list[str], name: str) -> Config:
+                overrides: list[str], name: str, sentinels: int = 0) -> Config:
     """The run's Config: `model` from the checkpoint, data/train/mlm from the recipe, then --set overrides."""
     data = read_yaml(resolve_recipe(recipe or DEFAULT_RECIPE))
     data["name"] = name
@@ -100,12 +50,12 @@ def _run_config(model: ModelConfig, tokenizer_path: Path, vocab: int, recipe: Op
         if getattr(config.model, key) != getattr(model, key) and key not in ADJUSTABLE:
             raise LmforgeError(f"model.{key} comes from the checkpoint's config.json ({getattr(model, key)!r}); "
                                f"an import may change only {', '.join(f'model.{k} ({v})' for k, v in ADJUSTABLE.items())}")
-    if config.model.block_size > model.block_size:
+    if config.model.block_size > model.block_size and model.family != "t5":  # t5: relative positions, any length
         raise LmforgeError(f"model.block_size={config.model.block_size} exceeds the checkpoint's "
                            f"{model.block_size} position embeddings")
     # The run encodes its data with the imported tokenizer, never a newly trained one.
-    config.data.tokenizer = TokenizerConfig(kind="bpe" if model.family == "gpt" else "wordpiece",
-                                            vocab_size=vocab, path=str(tokenizer_path))
+    config.data.tokenizer = TokenizerConfig(kind={"gpt": "bpe", "t5": "unigram"}.get(model.family, "wordpiece"),
+                                            vocab_size=vocab, path=str(tokenizer_path), sentinels=sentinels)
     return config
 
 
@@ -127,14 +77,20 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LmforgeError(f"{out} already exists and is not empty; choose a new run directory")
     hf = read_json(directory / "config.json")
-    architecture = architecture_of(hf)
-    source_model = config_from_hf(hf)
+    t5 = hf.get("model_type") == "t5"
+    if t5:
+        from lmforge.interop.hf_t5 import ARCHITECTURE, t5_config_from_hf
+
+        architecture, source_model = ARCHITECTURE, t5_config_from_hf(hf, str(directory / "config.json"))
+    else:
+        architecture = architecture_of(hf)
+        source_model = config_from_hf(hf)
     tokenizer, notes = read_hf_tokenizer(directory, source_model.family)
     if tokenizer.get_vocab_size() > source_model.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
                            f"{source_model.vocab_size} embeddings (config.json vocab_size)")
     config = _run_config(source_model, out.resolve() / "tokenizer.json", tokenizer.get_vocab_size(), recipe,
-                         overrides or [], directory.resolve().name)
+                         overrides or [], directory.resolve().name, _sentinels(tokenizer) if t5 else 0)
 
     hf_state, weights_file = read_hf_weights(directory)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values() if t.is_floating_point()})
@@ -142,15 +98,24 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
         notes.append(f"weights converted from {', '.join(dtypes)} to float32")
     seed_everything(config.train.seed)  # what a new run does first: the initialised heads are reproducible
     model = build_model(config.model)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    position = position_table(source_model)
-    if position is not None:
-        shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
-    imported = state_from_hf(hf_state, source_model, shapes)
-    if position is not None and config.model.block_size < source_model.block_size:
-        imported.state[position] = imported.state[position][: config.model.block_size].clone()
-        notes.append(f"position embeddings cut to the first {config.model.block_size} of {source_model.block_size}")
-    model.load_state_dict(imported.state, strict=False)
+    if t5:
+        from lmforge.interop.hf_t5 import t5_state_from_hf
+
+        model.load_state_dict({k: v.float() for k, v in
+                               t5_state_from_hf(hf_state, source_model, str(directory / weights_file)).items()})
+        missing: list[str] = []
+    else:
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        position = position_table(source_model)
+        if position is not None:
+            shapes[position] = (source_model.block_size, source_model.d_model)  # as config.json says; cut below
+        imported = state_from_hf(hf_state, source_model, shapes)
+        if position is not None and config.model.block_size < source_model.block_size:
+            imported.state[position] = imported.state[position][: config.model.block_size].clone()
+            notes.append(f"position embeddings cut to the first {config.model.block_size} of "
+                         f"{source_model.block_size}")
+        model.load_state_dict(imported.state, strict=False)
+        missing = imported.missing_parts
     optimizer = build_optimizer(model, config.train, torch.device("cpu"))
 
     with building_directory(out, "import") as tmp:
@@ -161,9 +126,18 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
             loader={"samples": 0, "seed": config.train.seed}, rng=rng_state(), config=config.to_dict()))
         RunDir(tmp).write_record("import", None, imported_from={
             "path": str(directory.resolve()), "architecture": architecture, "weights": weights_file,
-            "initialised": imported.missing_parts, "notes": notes})
-    return Imported(out, architecture, config, model.num_parameters(exclude_embeddings=False),
-                    imported.missing_parts, notes)
+            "initialised": missing, "notes": notes})
+    return Imported(out, architecture, config, model.num_parameters(exclude_embeddings=False), missing, notes)
+
+
+def _sentinels(tokenizer) -> int:
+    """How many <extra_id_i> a T5 tokenizer has (0 when none)."""
+    from lmforge.data.objectives.span import SpanVocab
+
+    try:
+        return SpanVocab.from_tokenizer(tokenizer).num_sentinels
+    except LmforgeError:
+        return 0
 
 
 def describe(result: Imported) -> str:

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from lmforge.fileio import building_directory
 from lmforge.data.objectives.span import SENTINEL, SpanVocab
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf_import import read_hf_weights
+from lmforge.interop.hf_weights import read_hf_weights
 from lmforge.interop.hf_tokenizer import read_json
 from lmforge.model.config import ModelConfig
 from lmforge.model.t5 import T5, t5_sizes
@@ -67,6 +67,7 @@ def t5_hf_config(config: ModelConfig, vocab: Optional[SpanVocab] = None) -> dict
         "num_decoder_layers": n_decoder_layer, "num_heads": config.n_head,
         "relative_attention_num_buckets": config.relative_attention_num_buckets,
         "relative_attention_max_distance": config.relative_attention_max_distance,
+        "n_positions": config.block_size,  # as the hub's T5 configs: the input length it was trained at
         "dropout_rate": config.dropout, "layer_norm_epsilon": config.layer_norm_eps, "initializer_factor": 1.0,
         "feed_forward_proj": config.ffn, "tie_word_embeddings": config.tie_embeddings,
         "is_encoder_decoder": True, "use_cache": True,
@@ -102,7 +103,7 @@ def t5_config_from_hf(hf: dict[str, Any], path: str = "config.json") -> ModelCon
         family="t5", vocab_size=_get(hf, "vocab_size", path), d_model=_get(hf, "d_model", path),
         d_kv=_get(hf, "d_kv", path), d_ff=_get(hf, "d_ff", path), n_layer=_get(hf, "num_layers", path),
         n_decoder_layer=hf.get("num_decoder_layers") or _get(hf, "num_layers", path),
-        n_head=_get(hf, "num_heads", path),
+        n_head=_get(hf, "num_heads", path), block_size=hf.get("n_positions") or 512,
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         dropout=float(hf.get("dropout_rate", 0.1)), layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-6)),

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from lmforge.data.tokenizer import BERT_UNK, CLS, EOS, MASK, PAD, SEP, UNK, add_bert_template
+from lmforge.data.tokenizer import BERT_UNK, CLS, EOS, MASK, PAD, SEP, T5_EOS, T5_PAD, UNK, add_bert_template
 from lmforge.errors import LmforgeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -100,9 +100,9 @@ def read_hf_tokenizer(directory: Path, family: str) -> tuple[Tokenizer, list[str
         tokenizer, source = _bert_from_vocab(directory, options), "vocab.txt"
     else:
         present = ", ".join(sorted(p.name for p in directory.iterdir() if p.is_file())) or "no files"
-        wanted = "vocab.json + merges.txt (GPT-2)" if family == "gpt" else "vocab.txt (BERT)"
-        raise LmforgeError(f"no tokenizer files in {directory} (found: {present}); supported: tokenizer.json, "
-                           f"or {wanted}")
+        wanted = {"gpt": ", or vocab.json + merges.txt (GPT-2)", "bert": ", or vocab.txt (BERT)"}.get(family, "")
+        raise LmforgeError(f"no tokenizer files in {directory} (found: {present}); supported: tokenizer.json"
+                           f"{wanted}")
     notes.append(f"tokenizer from {source}")
     # Fixed-length padding and truncation are inference settings (e.g. a sentence-embedding model's 128);
     # lmforge packs and pads its own sequences.
@@ -110,10 +110,11 @@ def read_hf_tokenizer(directory: Path, family: str) -> tuple[Tokenizer, list[str
         tokenizer.no_truncation()
         tokenizer.no_padding()
         notes.append("its fixed truncation/padding settings were dropped")
-    needed = [EOS] if family == "gpt" else [CLS, SEP, PAD, MASK]
+    needed = {"gpt": [EOS], "t5": [T5_PAD, T5_EOS]}.get(family, [CLS, SEP, PAD, MASK])
     absent = [t for t in needed if tokenizer.token_to_id(t) is None]
     if absent:
-        why = ("to separate documents" if family == "gpt" else "for BERT's [CLS] A [SEP] B [SEP] examples and masking")
+        why = {"gpt": "to separate documents", "t5": "to pad and end texts"}.get(
+            family, "for BERT's [CLS] A [SEP] B [SEP] examples and masking")
         raise LmforgeError(f"the tokenizer in {directory} has no {', '.join(absent)}, which lmforge's "
                            f"{family} runs need {why}")
     tokenizer.add_special_tokens(needed)  # a no-op for tokens already special; vocab.* builds need it

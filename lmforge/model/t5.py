@@ -88,11 +88,14 @@ class Attention(nn.Module):
     def keys_values(self, x: torch.Tensor) -> KVCache:
         return self._heads(self.k(x)), self._heads(self.v(x))
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor, memory: Optional[KVCache] = None,
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor, memory: Optional[KVCache | torch.Tensor] = None,
                 past: Optional[KVCache] = None) -> tuple[torch.Tensor, KVCache]:
-        """Self-attention over x (after `past` keys/values), or cross-attention to precomputed `memory`."""
+        """Self-attention over x (after `past` keys/values), or cross-attention to `memory`: the encoder
+        output's keys/values computed beforehand, or the encoder output itself."""
         q = self._heads(self.q(x))
-        if memory is not None:
+        if isinstance(memory, torch.Tensor):
+            k, v = self.keys_values(memory)
+        elif memory is not None:
             k, v = memory
         else:
             k, v = self.keys_values(x)
@@ -155,8 +158,8 @@ class DecoderBlock(nn.Module):
         self.ffn_norm, self.ffn = _norm(config), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, cross_mask: torch.Tensor, memory: KVCache,
-                past: Optional[KVCache] = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, cross_mask: torch.Tensor,
+                memory: KVCache | torch.Tensor, past: Optional[KVCache] = None) -> tuple[torch.Tensor, KVCache]:
         attn_out, present = self.self_attn(self.self_attn_norm(x), self_mask, past=past)
         x = x + self.dropout(attn_out)
         x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_mask, memory=memory)[0])
@@ -179,7 +182,7 @@ class DecoderCache:
     cross-attention keys/values of the encoder output (computed once), plus the encoder's padding mask."""
 
     self_kv: list[KVCache]
-    cross_kv: list[KVCache]
+    cross_kv: list[KVCache | torch.Tensor]  # or, per layer, the encoder output each block projects itself
     cross_mask: torch.Tensor  # additive (batch, 1, 1, encoder length)
 
     @property
@@ -221,9 +224,13 @@ class T5Decoder(nn.Module):
         self.final_norm = _norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def start_cache(self, encoder_out: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> DecoderCache:
-        """Cross-attention keys/values of the encoder output, for every decoding step to reuse."""
-        cross = [block.cross_attn.keys_values(encoder_out) for block in self.blocks]
+    def start_cache(self, encoder_out: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    precompute: bool = True) -> DecoderCache:
+        """Cross-attention keys/values of the encoder output, for every decoding step to reuse.
+
+        precompute=False leaves the projection to each block's forward (one pass of teacher forcing), so
+        that a block's parameters are used only inside its own forward, as FSDP's per-block units need."""
+        cross = [block.cross_attn.keys_values(encoder_out) if precompute else encoder_out for block in self.blocks]
         zeros = encoder_out.new_zeros(encoder_out.shape[0], 1, 1, encoder_out.shape[1])
         return DecoderCache([], cross, masked(zeros, key_mask(attention_mask)))
 
@@ -329,8 +336,8 @@ class T5(nn.Module):
                 raise ValueError("T5.forward needs labels or decoder_input_ids")
             decoder_input_ids = shift_right(labels)
         encoder_out = self.encode(input_ids, attention_mask)
-        logits, _ = self.decode(decoder_input_ids, self.start_cache(encoder_out, attention_mask),
-                                decoder_attention_mask)
+        cache = self.decoder.start_cache(encoder_out, attention_mask, precompute=False)
+        logits, _ = self.decode(decoder_input_ids, cache, decoder_attention_mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),

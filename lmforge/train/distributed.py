@@ -222,8 +222,9 @@ def rank_and_size() -> tuple[int, int]:
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's Transformer blocks, in order: the units of activation checkpointing, compilation and FSDP."""
     from lmforge.model.layers import Block
+    from lmforge.model.t5 import DecoderBlock, EncoderBlock
 
-    return [m for m in model.modules() if isinstance(m, Block)]
+    return [m for m in model.modules() if isinstance(m, (Block, EncoderBlock, DecoderBlock))]
 
 
 def checkpoint_activations(block: nn.Module) -> None:

@@ -2,8 +2,8 @@
 
 The model's output reports (sum, count) per metric for each batch (`eval_sums()`), so the averages
 here are exact over tokens / masked positions / pairs, whatever the batch composition.
-gpt: val_loss (per token) and val_ppl. bert: val_mlm_loss, val_mlm_acc (on masked positions),
-val_nsp_loss, val_nsp_acc, and val_loss = val_mlm_loss + val_nsp_loss (the training loss).
+gpt: val_loss (per token) and val_ppl. t5: the same over target tokens, and val_token_acc.
+bert: val_mlm_loss, val_mlm_acc (on masked positions), val_nsp_loss, val_nsp_acc, and val_loss = val_mlm_loss + val_nsp_loss (the training loss).
 In a run of several processes each scores its part of every batch and the sums are added up, so the
 metrics are those of one process scoring everything.
 """
@@ -61,6 +61,8 @@ def describe_metrics(metrics: dict[str, float]) -> str:
     parts = [f"loss {m['loss']:.4f}"]
     if "ppl" in m or "perplexity" in m:
         parts.append(f"perplexity {m.get('ppl', m.get('perplexity')):.2f}")
+    if "token_acc" in m:
+        parts.append(f"token accuracy {m['token_acc']:.1%}")
     if "mlm_loss" in m:
         parts.append(f"MLM loss {m['mlm_loss']:.4f} / accuracy {m['mlm_acc']:.1%}")
     if "nsp_acc" in m:

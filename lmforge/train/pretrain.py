@@ -1,5 +1,5 @@
-"""Pretraining: a token store, a model and its objective (causal LM, or masked LM + NSP) as a Recipe of
-the training loop; resumable at any checkpoint, the same on one process or many."""
+"""Pretraining: a token store, a model and its objective (causal LM, masked LM + NSP, or T5 denoising) as a
+Recipe of the training loop; resumable at any checkpoint, the same on one process or many."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.config import Config
-from lmforge.data.loader import batch_layout, loader_for
+from lmforge.data.loader import batch_layout, check_objective, loader_for
 from lmforge.data.store import TokenStore
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256
 from lmforge.errors import LmforgeError
@@ -52,6 +52,7 @@ def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool
     world = world_from_env()
     device = resolve_rank_device(config.train.device, world)
     batch_layout(config.train.batch_size, config.train.micro_batch_size, world.size)  # refuse bad input before work
+    check_objective(config)
     check_launch(config.parallel, config.model, device, world)
     run = RunDir(run_dir)
     owner = take_ownership(run, resume) if world.is_main else None
@@ -96,7 +97,11 @@ class PretrainRecipe(Recipe):
         self.val_loader = loader_for(config, store, "val", training=False, rank=world.rank, world_size=world.size)
         self.tokens_per_step = tc.batch_size * config.model.block_size
         self.tokens_seen = 0
-        extra = {"mask_rate": config.mlm.mask_rate} if config.model.family == "bert" else {}
+        extra = {}
+        if config.model.family == "bert":
+            extra = {"mask_rate": config.mlm.mask_rate}
+        elif config.model.family == "t5":  # per encoder input token, with the decoder's targets
+            extra = {"target_len": self.train_loader.lengths.targets}
         self.flops_per_step = self.model.flops_per_token(config.model.block_size, **extra) * self.tokens_per_step
         self.peak_flops = measured_matmul_flops(device, tc.precision) if world.is_main else 1.0  # MFU: rank 0 logs it
         if tc.precision != "fp32" and progress:
