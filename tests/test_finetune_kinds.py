@@ -1,0 +1,124 @@
+"""Fine-tuning the structured kinds end to end through the CLI on tiny runs: tokens (NER), span (QA),
+seq2seq (GPT and T5): overfit, evaluate, predict, resume, label budget."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+from lmforge.tasks.finetune import evaluate_finetuned, finetune, load_finetuned, plan_finetune, predict
+from test_finetune import make_base_run
+
+FAST = ["finetune.dropout=0", "finetune.lr=3e-3", "finetune.batch_size=8", "finetune.warmup=0",
+        "finetune.log_every=1"]
+
+PEOPLE = ["alice", "bob", "carol", "dave"]
+PLACES = ["paris", "rome", "oslo", "lima"]
+
+
+def ner_sentences() -> list[tuple[list[str], list[str]]]:
+    out = []
+    for i, person in enumerate(PEOPLE):
+        for j, place in enumerate(PLACES):
+            if (i + j) % 2:
+                out.append(([person, "went", "to", place], ["B-PER", "O", "O", "B-LOC"]))
+            else:
+                out.append((["the", "film", "in", place, "with", person, "smith"],
+                            ["O", "O", "O", "B-LOC", "O", "B-PER", "I-PER"]))
+    return out
+
+
+def make_ner_task(root, fmt: str = "conll", dev=None):
+    folder = root / "ner"
+    folder.mkdir()
+    for split, rows in (("train", ner_sentences()), ("dev", dev or ner_sentences())):
+        if fmt == "conll":
+            text = "-DOCSTART- -X- O\n\n" + "\n\n".join(
+                "\n".join(f"{w} X {t}" for w, t in zip(words, tags)) for words, tags in rows) + "\n"
+            (folder / f"{split}.conll").write_text(text, encoding="utf-8")
+        else:
+            (folder / f"{split}.jsonl").write_text("\n".join(json.dumps({"tokens": w, "tags": t}) for w, t in rows)
+                                                  + "\n", encoding="utf-8")
+    (folder / "task.yaml").write_text("kind: tokens\n", encoding="utf-8")
+    return folder
+
+
+def sets(overrides):
+    return sum((["--set", o] for o in overrides), [])
+
+
+def test_tagger_overfits_tiny_ner_and_predicts_entities(tmp_path, capsys):
+    base = make_base_run(tmp_path)
+    task = make_ner_task(tmp_path)
+    run = tmp_path / "ft"
+    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
+                 *sets([*FAST, "finetune.steps=60", "finetune.eval_every=20"])]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "tokens" and summary["select_metric"] == "entity_f1"
+    assert summary["dev"]["entity_f1"] == 1.0  # dev = train: every entity found (fractions, not x100)
+    assert summary["dev"]["f1_PER"] == summary["dev"]["f1_LOC"] == 1.0
+    assert summary["counts"]["train_windows"] == len(ner_sentences())
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["checkpoint"] == summary["best_checkpoint"]
+    assert measured["entity_f1"] == summary["dev"]["entity_f1"]
+    assert main(["predict", str(run), "bob went to oslo"]) == 0
+    assert capsys.readouterr().out.strip() == "PER: bob  LOC: oslo\tbob went to oslo"
+    assert main(["predict", str(run), "the film in rome with carol smith", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(e["type"], e["text"]) for e in result["entities"]] == [("LOC", "rome"), ("PER", "carol smith")]
+
+
+def test_tagger_entity_f1_is_seqevals_on_the_dev_predictions(tmp_path):
+    from seqeval.metrics import f1_score
+
+    base = make_base_run(tmp_path)
+    task = make_ner_task(tmp_path, fmt="jsonl")
+    run = tmp_path / "ft"
+    finetune(plan_finetune(base, str(task), [*FAST, "finetune.steps=6"]), run, progress=False)
+    loaded = load_finetuned(run)
+    sentences = ner_sentences()
+    predicted = [r["tags"] for r in predict(loaded, [(" ".join(words), None) for words, _ in sentences])]
+    _, measured = evaluate_finetuned(run)
+    assert measured["val_entity_f1"] == pytest.approx(f1_score([t for _, t in sentences], predicted), abs=1e-12)
+
+
+def test_tagger_label_budget_trains_on_a_nested_fraction(tmp_path):
+    base = make_base_run(tmp_path)
+    task = make_ner_task(tmp_path)
+    half = finetune(plan_finetune(base, str(task), [*FAST, "finetune.steps=1", "finetune.label_fraction=0.5"]),
+                    tmp_path / "half", progress=False)
+    assert half.train_examples == len(ner_sentences()) // 2
+
+
+def test_tagger_resume_continues_identically(tmp_path):
+    base = make_base_run(tmp_path)
+    task = make_ner_task(tmp_path)
+    overrides = ["finetune.steps=8", "finetune.eval_every=4", "finetune.keep_checkpoints=0", "finetune.lr=3e-3",
+                 "finetune.batch_size=6", "finetune.log_every=1"]  # dropout on: its RNG must resume too
+    full, partial = tmp_path / "full", tmp_path / "partial"
+    finetune(plan_finetune(base, str(task), overrides), full, progress=False)
+    shutil.copytree(full, partial)
+    shutil.rmtree(partial / "checkpoints" / "step-000008")
+    (partial / "checkpoints" / "latest").write_text("step-000004\n")
+    assert main(["finetune", "--resume", str(partial)]) == 0
+    read = lambda run: [{k: v for k, v in json.loads(line).items() if k != "examples_per_s"}  # noqa: E731
+                        for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert read(partial) == read(full)
+    a = load_file(str(full / "checkpoints/step-000008/model.safetensors"))
+    b = load_file(str(partial / "checkpoints/step-000008/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dev_tag_outside_the_label_set_is_a_one_line_error(tmp_path, capsys):
+    base = make_base_run(tmp_path)
+    task = make_ner_task(tmp_path, dev=[(["bob", "went"], ["B-ORG", "O"])])
+    assert main(["finetune", str(base), "--task", str(task), "--out", str(tmp_path / "ft"),
+                 *sets(["finetune.steps=1"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dev.conll:3" in err and "'B-ORG'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ft").exists()
