@@ -122,3 +122,48 @@ def test_a_dev_tag_outside_the_label_set_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "dev.conll:3" in err and "'B-ORG'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "ft").exists()
+
+
+def squad_json(articles: list[tuple[str, str, list[tuple[str, str]]]]) -> dict:
+    data = []
+    for title, context, questions in articles:
+        qas = [{"id": f"{title}-{k}", "question": q, "answers": [{"text": a, "answer_start": context.index(a)}]}
+               for k, (q, a) in enumerate(questions)]
+        data.append({"title": title, "paragraphs": [{"context": context, "qas": qas}]})
+    return {"version": "1.1", "data": data}
+
+
+def make_qa_task(root):
+    articles = []
+    for i, (person, place) in enumerate(zip(PEOPLE, PLACES)):
+        context = f"{person} lives in {place} . the film was good and {PEOPLE[i - 1]} went to {PLACES[i - 2]} ."
+        articles.append((f"a{i}", context, [(f"where does {person} live", place),
+                                            (f"who went to {PLACES[i - 2]}", PEOPLE[i - 1])]))
+    folder = root / "qa"
+    folder.mkdir()
+    text = json.dumps(squad_json(articles))
+    (folder / "train.json").write_text(text, encoding="utf-8")
+    (folder / "dev.json").write_text(text, encoding="utf-8")
+    (folder / "task.yaml").write_text("kind: span\nstride: 4\n", encoding="utf-8")
+    return folder
+
+
+def test_span_extractor_overfits_tiny_qa_and_answers_questions(tmp_path, capsys):
+    base = make_base_run(tmp_path)
+    task = make_qa_task(tmp_path)
+    run = tmp_path / "ft"
+    # max_length 24 cuts every passage into windows: answers are found across them
+    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
+                 *sets([*FAST, "finetune.steps=300", "finetune.eval_every=50", "finetune.max_length=24"])]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "span" and summary["select_metric"] == "span_f1"
+    assert summary["counts"]["dev_windows"] > 8  # more windows than questions
+    assert summary["dev"]["exact_match"] == summary["dev"]["span_f1"] == 1.0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["span_f1"] == 1.0
+    assert main(["predict", str(run), "where does carol live",
+                 "carol lives in oslo . the film was good and bob went to alice ."]) == 0
+    assert capsys.readouterr().out.strip() == "oslo"
+    assert main(["predict", str(run), "where does carol live"]) == 2
+    assert "give both" in capsys.readouterr().err
