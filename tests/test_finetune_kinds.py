@@ -3,6 +3,7 @@ seq2seq (GPT and T5): overfit, evaluate, predict, resume, label budget."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,55 @@ def test_span_extractor_overfits_tiny_qa_and_answers_questions(tmp_path, capsys)
     assert capsys.readouterr().out.strip() == "oslo"
     assert main(["predict", str(run), "where does carol live"]) == 2
     assert "give both" in capsys.readouterr().err
+
+
+SWAPS = [(f"{p} {q}", f"in {q} lives {p} now") for p in PEOPLE for q in PLACES]  # 4-grams: BLEU is defined
+
+
+def make_seq2seq_task(root, rows=SWAPS, yaml_text="kind: seq2seq\nmetrics: [bleu, rougeL]\nmax_target_length: 40\n"):
+    folder = root / "swap"
+    folder.mkdir()
+    text = "\n".join(json.dumps({"input": a, "target": b}) for a, b in rows) + "\n"
+    (folder / "train.jsonl").write_text(text, encoding="utf-8")
+    (folder / "dev.jsonl").write_text(text, encoding="utf-8")
+    (folder / "task.yaml").write_text(yaml_text, encoding="utf-8")
+    return folder
+
+
+def make_t5_base_run(root) -> Path:
+    """A t5 'pretraining' run: a unigram tokenizer with sentinels and one random-weight checkpoint."""
+    from conftest import TEXT
+    from lmforge.config import TokenizerConfig, config_from_dict, dump_config
+    from lmforge.data.tokenizer import train_tokenizer
+    from lmforge.model import build_model
+    from lmforge.train.checkpoint import TrainerState, save_checkpoint
+
+    run = root / "base-t5"
+    run.mkdir()
+    corpus = root / "corpus-t5.txt"
+    corpus.write_text(TEXT + "\n".join(a + " " + b for a, b in SWAPS), encoding="utf-8")
+    tokenizer = train_tokenizer(corpus.read_text().split("\n"), TokenizerConfig(kind="unigram", vocab_size=220), "t5",
+                                show_progress=False)
+    tokenizer.save(str(run / "tokenizer.json"))
+    shape = {"family": "t5", "n_layer": 2, "n_decoder_layer": 2, "n_head": 2, "d_model": 32, "d_kv": 16,
+             "d_ff": 64, "block_size": 64, "vocab_size": tokenizer.get_vocab_size()}
+    config = config_from_dict({"name": "base", "data": {"corpus": [str(corpus)]}, "model": shape})
+    dump_config(config, run / "config.yaml")
+    torch.manual_seed(0)
+    save_checkpoint(run / "checkpoints", build_model(config.model), None, TrainerState(step=1))
+    return run
+
+
+@pytest.mark.parametrize("family,steps", [("gpt", 300), ("t5", 100)])
+def test_seq2seq_overfits_tiny_pairs_scored_by_bleu_of_decoded_outputs(tmp_path, capsys, family, steps):
+    base = make_t5_base_run(tmp_path) if family == "t5" else make_base_run(tmp_path, "gpt")
+    task = make_seq2seq_task(tmp_path)
+    run = tmp_path / "ft"
+    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
+                 *sets([*FAST, f"finetune.steps={steps}", f"finetune.eval_every={steps}"])]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "seq2seq" and summary["select_metric"] == "bleu"
+    assert summary["dev"]["bleu"] == pytest.approx(1.0) and summary["dev"]["rougeL"] == pytest.approx(1.0)  # exact
+    capsys.readouterr()
+    assert main(["predict", str(run), "dave oslo"]) == 0
+    assert capsys.readouterr().out.strip() == "in oslo lives dave now"

@@ -139,18 +139,18 @@ def _prepare_seq2seq(config: Any, tokenizer: Tokenizer, fraction: float) -> Kind
                                        load_seq2seq_task)
 
     data = load_seq2seq_task(config.task)
-    keep = budget_indices(len(data.train.examples), fraction, config.finetune.seed)
-    train_raw = [data.train.examples[i] for i in keep]
-    dev_raw = data.dev.examples
+    keep = budget_indices(len(data.train), fraction, config.finetune.seed)
+    train_raw = [data.train[i] for i in keep]
+    dev_raw = data.dev
     task_config, length = config.task, _max_length(config)
-    counts = {"skipped_pairs": data.train.skipped + data.dev.skipped}
+    counts = {"skipped_pairs": data.skipped}
     if config.model.family == "t5":
         pad = pad_id_t5(tokenizer)
         train, cut_train = encode_seq2seq(tokenizer, train_raw, length, task_config.max_target_length,
                                           task_config.strict)
         dev, cut_dev = encode_seq2seq(tokenizer, dev_raw, length, task_config.max_target_length, task_config.strict)
         counts["cut_inputs"] = cut_train + cut_dev
-        task = KindTask(task_config, [], len(data.train.examples), len(dev_raw), counts)
+        task = KindTask(task_config, [], len(data.train), len(dev_raw), counts)
         return KindData(task, tokenizer, train, dev, pad, lambda rows: collate_seq2seq(rows, pad),
                         lambda item: float(len(item.target_ids)), dev_raw)
     if config.model.family != "gpt":
@@ -164,7 +164,7 @@ def _prepare_seq2seq(config: Any, tokenizer: Tokenizer, fraction: float) -> Kind
     train = encode_generation(tokenizer, train_examples, length)
     dev = encode_generation(tokenizer, dev_examples, length)
     pad = pad_id(tokenizer, "gpt")
-    task = KindTask(task_config, [], len(data.train.examples), len(dev_raw), counts)
+    task = KindTask(task_config, [], len(data.train), len(dev_raw), counts)
     return KindData(task, tokenizer, train, dev, pad, lambda rows: collate(rows, pad),
                     lambda item: float(sum(t != IGNORE_INDEX for t in item.target)), dev_examples)
 
