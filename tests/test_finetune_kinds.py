@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.tasks.finetune import evaluate_finetuned, finetune, load_finetuned, plan_finetune, predict
-from test_finetune import make_base_run
+from lmforge.tasks.kinds import stsb_text, text_to_label
+from test_finetune import NEGATIVE, POSITIVE, SENTIMENT, make_base_run, make_task
 
 FAST = ["finetune.dropout=0", "finetune.lr=3e-3", "finetune.batch_size=8", "finetune.warmup=0",
         "finetune.log_every=1"]
@@ -194,7 +195,8 @@ def make_t5_base_run(root) -> Path:
     run = root / "base-t5"
     run.mkdir()
     corpus = root / "corpus-t5.txt"
-    corpus.write_text(TEXT + "\n".join(a + " " + b for a, b in SWAPS), encoding="utf-8")
+    corpus.write_text(TEXT + "\n".join([a + " " + b for a, b in SWAPS] + POSITIVE + NEGATIVE + ["positive negative"]),
+                      encoding="utf-8")
     tokenizer = train_tokenizer(corpus.read_text().split("\n"), TokenizerConfig(kind="unigram", vocab_size=220), "t5",
                                 show_progress=False)
     tokenizer.save(str(run / "tokenizer.json"))
@@ -220,3 +222,23 @@ def test_seq2seq_overfits_tiny_pairs_scored_by_bleu_of_decoded_outputs(tmp_path,
     capsys.readouterr()
     assert main(["predict", str(run), "dave oslo"]) == 0
     assert capsys.readouterr().out.strip() == "in oslo lives dave now"
+
+
+def test_t5_text_to_text_classification_learns_label_words(tmp_path, capsys):
+    base = make_t5_base_run(tmp_path)
+    task = make_task(tmp_path, SENTIMENT)
+    run = tmp_path / "ft"
+    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
+                 *sets([*FAST, "finetune.steps=60", "finetune.eval_every=60", "task.max_target_length=8"])]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dev"]["accuracy"] == 1.0 and summary["dev"]["invalid_outputs"] == 0.0
+    capsys.readouterr()
+    assert main(["predict", str(run), "a great film"]) == 0
+    assert capsys.readouterr().out.strip() == "pos"
+
+
+def test_text_to_text_targets_and_decoded_labels():
+    assert [stsb_text(v) for v in (3.8, 3.75, 3.69, 0.0, 5.0, 2.1)] == ["3.8", "3.8", "3.6", "0.0", "5.0", "2.0"]
+    assert text_to_label(["positive", " negative", "maybe"], ["negative", "positive"], False).tolist() == [1, 0, -1]
+    scores = text_to_label(["3.8", "x"], [], True)
+    assert scores[0] == 3.8 and scores[1] != scores[1]  # NaN: no number

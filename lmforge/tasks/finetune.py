@@ -113,7 +113,7 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
     config.model.dropout = config.finetune.dropout
     config.model.validate("model")
     check_kind_family(config.task, config.model.family, base_run)
-    if config.task.kind in ("classification", "regression"):
+    if config.task.kind in ("classification", "regression") and config.model.family != "t5":
         try:
             resolve_pooling(config.finetune.pooling, config.model.family)
         except ValueError as err:
@@ -122,7 +122,8 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
 
 
 KIND_FAMILIES = {"generation": ("gpt",), "tokens": ("bert", "gpt"), "span": ("bert", "gpt"),
-                 "seq2seq": ("gpt", "t5"), "classification": ("bert", "gpt"), "regression": ("bert", "gpt")}
+                 "seq2seq": ("gpt", "t5"), "classification": ("bert", "gpt", "t5"),
+                 "regression": ("bert", "gpt", "t5")}
 
 
 def check_kind_family(task: TaskConfig, family: str, base_run: Path) -> None:
@@ -204,7 +205,7 @@ def _optimizer(model: nn.Module, ft: FinetuneConfig, device: torch.device) -> to
 
 
 def task_loss(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    if kind in STRUCTURED_KINDS:
+    if kind in STRUCTURED_KINDS or model.config.family == "t5":
         return kind_loss(model, batch, kind, model.config.family)
     if kind == "generation":
         return model(batch["input_ids"], labels=batch["labels"]).loss
@@ -323,7 +324,7 @@ def prepare_data(config: FinetuneRunConfig, tokenizer: Tokenizer,
                  task: Optional[TaskData] = None) -> "Prepared | KindData":
     """Load (or take) the task, apply the label budget, and encode both splits."""
     ft = config.finetune
-    if config.task.kind in STRUCTURED_KINDS:
+    if config.task.kind in STRUCTURED_KINDS or config.model.family == "t5":
         return prepare_kind(config, tokenizer, ft.label_fraction)
     task = task or load_task(config.task)
     max_length = min(ft.max_length, config.model.block_size)
@@ -547,6 +548,8 @@ def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]]) -> 
         return predict_answers(run.model, run.tokenizer, config, texts)
     if kind == "seq2seq":
         return predict_outputs(run.model, run.tokenizer, config, [text for text, _ in texts])
+    if config.model.family == "t5":  # text-to-text: the decoded label word (or score)
+        return predict_outputs(run.model, run.tokenizer, config, list(texts))
     max_length = min(config.finetune.max_length, config.model.block_size)
     if config.task.kind == "generation":
         out = []

@@ -68,6 +68,8 @@ class KindData:
     targets: Callable[[Any], float]  # what an item's loss term averages over
     dev_raw: list  # the dev sentences / questions / pairs the metrics are computed on
     dev_tags: Optional[list[list[int]]] = None  # tokens: per dev sentence, per word: class
+    label_words: Optional[list[str]] = None  # text-to-text classification: the target text of each class
+    dev_targets: Optional[list] = None  # text-to-text: the dev classes / scores
 
 
 def budget_indices(count: int, fraction: float, seed: int) -> list[int]:
@@ -82,6 +84,8 @@ def budget_indices(count: int, fraction: float, seed: int) -> list[int]:
 def prepare_kind(config: Any, tokenizer: Tokenizer, label_fraction: float) -> KindData:
     """Load a tokens / span / seq2seq task, apply the label budget, encode both splits. config: FinetuneRunConfig."""
     kind = config.task.kind
+    if config.model.family == "t5" and kind in ("classification", "regression"):
+        return _prepare_text_to_text(config, tokenizer, label_fraction)
     if kind == "tokens":
         return _prepare_tokens(config, tokenizer, label_fraction)
     if kind == "span":
@@ -183,7 +187,7 @@ def kind_loss(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, famil
     """The mean loss of a batch of a structured kind (over its labelled tokens, windows or target tokens)."""
     if kind in ("tokens", "span"):
         return per_token_loss(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]), batch, kind)
-    if family == "t5":
+    if family == "t5":  # seq2seq, or text-to-text classification / regression
         return model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"]).loss
     return model(batch["input_ids"], labels=batch["labels"]).loss
 
@@ -212,7 +216,7 @@ def evaluate_kind(model: nn.Module, data: KindData, device: torch.device, precis
     model.eval()
     try:
         kind = data.task.config.kind
-        if kind == "seq2seq":
+        if kind == "seq2seq" or family == "t5":
             return _evaluate_seq2seq(model, data, device, precision, family, num_beams, batch_size)
         per_item: dict[int, Any] = {}
         loss_sum, count = 0.0, 0.0
@@ -269,6 +273,9 @@ def _evaluate_seq2seq(model: nn.Module, data: KindData, device: torch.device, pr
         hypotheses = decode_t5(model, data.tokenizer, [e.source for e in data.dev_raw], _source_limit(data),
                                config.max_target_length, num_beams, device)
         references = [e.target for e in data.dev_raw]
+        if config.kind != "seq2seq":
+            scores = text_to_text_metrics(config, hypotheses, data)
+            return {"val_loss": loss_sum / max(count, 1.0), **{f"val_{k}": v for k, v in scores.items()}}
     else:
         hypotheses = decode_gpt(model, data.tokenizer, [e.text for e in data.dev_raw], model.config.block_size,
                                 config.max_target_length, device)
@@ -384,10 +391,12 @@ def predict_answers(model: nn.Module, tokenizer: Tokenizer, config: Any,
 
 
 @torch.no_grad()
-def predict_outputs(model: nn.Module, tokenizer: Tokenizer, config: Any, texts: Sequence[str]) -> list[dict[str, Any]]:
-    """Per input text: the generated target text."""
+def predict_outputs(model: nn.Module, tokenizer: Tokenizer, config: Any, texts: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per input text (text-to-text: (text, pair)): the generated target text."""
     device = next(model.parameters()).device
     if config.model.family == "t5":
+        if config.task.kind != "seq2seq":
+            texts = [text_input(config.task, t, p) for t, p in texts]
         outputs = decode_t5(model, tokenizer, texts, _max_length(config), config.task.max_target_length,
                             config.finetune.num_beams, device)
     else:
@@ -395,3 +404,93 @@ def predict_outputs(model: nn.Module, tokenizer: Tokenizer, config: Any, texts: 
         outputs = decode_gpt(model, tokenizer, prompts, config.model.block_size, config.task.max_target_length,
                              device)
     return [{"input": t, "output": o} for t, o in zip(texts, outputs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Text-to-text: classification and regression on a t5 run (label words as targets)
+
+# GLUE labels as T5 writes them (class index -> word); other tasks use their label names.
+GLUE_LABEL_WORDS = {"cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
+                    "mrpc": ["not_equivalent", "equivalent"], "wnli": ["not_entailment", "entailment"]}
+
+
+def label_words(config: TaskConfig, names: Sequence[str]) -> list[str]:
+    """The target text of each class: T5's words for GLUE tasks, else the label names themselves."""
+    words = GLUE_LABEL_WORDS.get(config.name)
+    if words is not None and len(words) == len(names):
+        return list(words)
+    for name in names:
+        if not str(name).strip():
+            raise LmforgeError(f"task {config.name}: the label {name!r} has no text form for a text-to-text (t5) run")
+    return [str(n) for n in names]
+
+
+def stsb_text(score: float) -> str:
+    """A regression target as T5 writes STS-B scores: rounded to the nearest 0.2, one decimal."""
+    return f"{round(float(score) * 5) / 5:.1f}"
+
+
+def text_input(config: TaskConfig, text: str, pair: Optional[str]) -> str:
+    """The encoder text: a task prefix, then `sentence: a` or `sentence1: a sentence2: b`."""
+    if pair is None:
+        return f"{config.name} sentence: {text}"
+    return f"{config.name} sentence1: {text} sentence2: {pair}"
+
+
+def _prepare_text_to_text(config: Any, tokenizer: Tokenizer, fraction: float) -> KindData:
+    from lmforge.tasks.datasets import load_task, subsample
+    from lmforge.tasks.seq2seq import Seq2SeqExample, collate_seq2seq, encode_seq2seq
+
+    task_data = load_task(config.task)
+    regression = config.task.kind == "regression"
+    words = [] if regression else label_words(config.task, task_data.label_names)
+    train = task_data.train if fraction >= 1.0 else subsample(task_data.train, fraction, config.finetune.seed)
+
+    def pairs(examples):
+        return [Seq2SeqExample(text_input(config.task, e.text, e.text_pair),
+                               stsb_text(e.label) if regression else words[int(e.label)], e.source) for e in examples]
+
+    length, pad = _max_length(config), pad_id_t5(tokenizer)
+    train_items, cut_train = encode_seq2seq(tokenizer, pairs(train), length, config.task.max_target_length,
+                                            config.task.strict)
+    dev_raw = pairs(task_data.dev)
+    dev_items, cut_dev = encode_seq2seq(tokenizer, dev_raw, length, config.task.max_target_length, config.task.strict)
+    task = KindTask(config.task, list(task_data.label_names), len(task_data.train), len(task_data.dev),
+                    {"cut_inputs": cut_train + cut_dev})
+    return KindData(task, tokenizer, train_items, dev_items, pad, lambda rows: collate_seq2seq(rows, pad),
+                    lambda item: float(len(item.target_ids)), dev_raw, label_words=words,
+                    dev_targets=[e.label for e in task_data.dev])
+
+
+def text_to_label(outputs: Sequence[str], words: Sequence[str], regression: bool) -> np.ndarray:
+    """Decoded texts -> class indices (-1: no label word, counted wrong) or scores (NaN: no number)."""
+    if regression:
+        values = []
+        for text in outputs:
+            try:
+                values.append(float(text.strip()))
+            except ValueError:
+                values.append(float("nan"))
+        return np.asarray(values, dtype=np.float64)
+    index = {w: i for i, w in enumerate(words)}
+    return np.asarray([index.get(text.strip(), -1) for text in outputs], dtype=np.int64)
+
+
+def text_to_text_metrics(config: TaskConfig, outputs: Sequence[str], data: KindData) -> dict[str, float]:
+    """The task's metrics from decoded texts: a text that is no label counts as wrong (as another class; a
+    regression output that is no number as 0.0); `invalid_outputs` is their fraction."""
+    from lmforge.tasks.metrics import compute_metrics
+
+    regression = config.kind == "regression"
+    preds = text_to_label(outputs, data.label_words or [], regression)
+    targets = np.asarray(data.dev_targets)
+    if regression:
+        invalid = np.isnan(preds)
+        preds = np.where(invalid, 0.0, preds)
+    else:
+        invalid = preds < 0
+        preds = np.where(invalid, (targets + 1) % max(2, len(data.label_words or [])), preds)
+    positive = data.task.label_names.index(config.positive_label) if config.positive_label else (
+        data.task.label_names.index("1") if "1" in data.task.label_names else 1)
+    scores = compute_metrics(config.metrics, preds, targets, positive)
+    return {**scores, "invalid_outputs": float(np.mean(invalid)) if len(invalid) else 0.0}

@@ -87,7 +87,7 @@ def build_task_model(config: ModelConfig, kind: str, num_outputs: int, dropout: 
 
         return build_per_token_model(config, kind, num_outputs, dropout)
     pretraining_model = build_model(config)
-    if kind in ("generation", "seq2seq"):  # the decoder (or encoder-decoder) itself writes the target
+    if kind in ("generation", "seq2seq") or config.family == "t5":  # the model itself writes the target (text)
         return pretraining_model
     backbone = pretraining_model.bert if config.family == "bert" else pretraining_model
     return SequenceClassifier(backbone, num_outputs, dropout, pooling)
