@@ -328,6 +328,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{result['label']}\t{result['probabilities'][result['label']]:.3f}\t({probs})\t{text}")
         elif "score" in result:
             print(f"{result['score']:.4f}\t{text}")
+        elif "entities" in result:
+            found = "  ".join(f"{e['type']}: {e['text']}" for e in result["entities"]) or "(no entities)"
+            print(f"{found}\t{text}")
+        elif "answer" in result:
+            print(result["answer"])
+        elif "output" in result:
+            print(result["output"])
         else:
             print(result["response"])
     return 0

@@ -340,6 +340,7 @@ class FinetuneConfig:
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
+    num_beams: int = 1  # seq2seq on a t5 run: beam width of dev decoding and predict (1: greedy)
     # classifiers' summary vector: auto = pooled [CLS] (bert) / last real token (gpt); cls; last; or mean
     # = the average final hidden state over the real tokens (either family)
     pooling: Literal["auto", "cls", "last", "mean"] = "auto"
@@ -352,6 +353,8 @@ class FinetuneConfig:
                     "generate_tokens", "micro_batch_size", "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
+        if self.num_beams < 1:
+            raise LmforgeError(f"{prefix}.num_beams must be >= 1, got {self.num_beams}")
         if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
             raise LmforgeError(f"{prefix}.lr and {prefix}.head_lr must be positive, got {self.lr}, {self.head_lr}")
         if not 0 < self.layer_lr_decay <= 1:

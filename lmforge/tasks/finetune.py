@@ -36,6 +36,9 @@ from lmforge.tasks.batches import (Encoded, batch_indices, collate, decode_respo
                                    task_tokenizer)
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, resolve_task_config
 from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
+from lmforge.tasks.heads import TokenClassifier
+from lmforge.tasks.kinds import (STRUCTURED_KINDS, KindData, evaluate_kind, kind_loss, predict_answers,
+                                 predict_entities, predict_outputs, prepare_kind)
 from lmforge.tasks.metrics import compute_metrics
 from lmforge.tasks.models import SequenceClassifier, backbone_of, build_task_model, resolve_pooling
 from lmforge.train.checkpoint import (Checkpoint, TrainerState, find_checkpoint, load_model_weights,
@@ -109,15 +112,26 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
     config.parallel.validate("parallel")
     config.model.dropout = config.finetune.dropout
     config.model.validate("model")
-    if config.task.kind == "generation" and config.model.family != "gpt":
-        raise LmforgeError(f"task {config.task.name}: generation fine-tunes a decoder (gpt) run; "
-                           f"{base_run} is a {config.model.family} run")
-    if config.task.kind != "generation":
+    check_kind_family(config.task, config.model.family, base_run)
+    if config.task.kind in ("classification", "regression") and config.model.family != "t5":
         try:
             resolve_pooling(config.finetune.pooling, config.model.family)
         except ValueError as err:
             raise LmforgeError(f"finetune.pooling: {err} ({base_run} is a {config.model.family} run)") from None
     return config
+
+
+KIND_FAMILIES = {"generation": ("gpt",), "tokens": ("bert", "gpt"), "span": ("bert", "gpt"),
+                 "seq2seq": ("gpt", "t5"), "classification": ("bert", "gpt", "t5"),
+                 "regression": ("bert", "gpt", "t5")}
+
+
+def check_kind_family(task: TaskConfig, family: str, base_run: Path) -> None:
+    """Refuse a task kind the base run's family cannot be fine-tuned for."""
+    families = KIND_FAMILIES[task.kind]
+    if family not in families:
+        raise LmforgeError(f"task {task.name}: a {task.kind} task fine-tunes a {' or '.join(families)} run; "
+                           f"{base_run} is a {family} run")
 
 
 def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData) -> None:
@@ -129,7 +143,7 @@ def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData
         if base.task.kind != config.task.kind:
             raise LmforgeError(f"{base_run} was fine-tuned for {base.task.kind}; task {task.name} is "
                                f"{config.task.kind}; fine-tune its base run {base.base_run} instead")
-        if isinstance(model, SequenceClassifier):
+        if isinstance(model, (SequenceClassifier, TokenClassifier)):
             theirs = 1 if base.task.kind == "regression" else len(base.task.labels or [])
             if theirs != model.num_outputs:
                 raise LmforgeError(f"{base_run}'s head predicts {theirs} labels ({', '.join(base.task.labels or [])}) "
@@ -139,8 +153,8 @@ def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData
         return
     pretrained = build_model(config.model)
     load_model_weights(pretrained, ckpt.model_path)
-    target = model.backbone if isinstance(model, SequenceClassifier) else model
-    source = pretrained.bert if config.model.family == "bert" and isinstance(model, SequenceClassifier) else pretrained
+    target = backbone_of(model)
+    source = pretrained.bert if config.model.family == "bert" and target is not model else pretrained
     target.load_state_dict(source.state_dict())
 
 
@@ -152,12 +166,18 @@ def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
     """AdamW groups: per layer a peak lr of lr * layer_lr_decay**(L - layer), the head at head_lr;
     weight decay on matrices only. Each group's peak is kept as `peak_lr` for the schedule."""
     n_layer, backbone = model.config.n_layer, backbone_of(model)
+    wrapped = backbone is not model  # a head beside the pretrained stack: what is not under backbone.
+    if not hasattr(backbone, "layer_of") and ft.layer_lr_decay != 1.0:
+        raise LmforgeError(f"finetune.layer_lr_decay: a {model.config.family} model does not say which layer a "
+                           f"parameter belongs to; use 1.0 (one learning rate)")
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied parameters appear once
         if not param.requires_grad:
             continue
-        if name.startswith("head."):
+        if wrapped and not name.startswith("backbone."):
             lr = ft.head_lr if ft.head_lr is not None else ft.lr
+        elif not hasattr(backbone, "layer_of"):
+            lr = ft.lr
         else:
             # what sits on top of the blocks (final norm, pooler) trains at the top block's lr
             depth = min(backbone.layer_of(name.removeprefix("backbone.")), n_layer)
@@ -185,6 +205,8 @@ def _optimizer(model: nn.Module, ft: FinetuneConfig, device: torch.device) -> to
 
 
 def task_loss(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    if kind in STRUCTURED_KINDS or model.config.family == "t5":
+        return kind_loss(model, batch, kind, model.config.family)
     if kind == "generation":
         return model(batch["input_ids"], labels=batch["labels"]).loss
     out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
@@ -246,6 +268,14 @@ def evaluate_task(model: nn.Module, items: Sequence[Encoded], task: TaskData, pa
     return metrics
 
 
+def evaluate_prepared(model: nn.Module, data: "Prepared | KindData", device: torch.device, ft: FinetuneConfig,
+                      family: str) -> dict[str, float]:
+    """Dev metrics of any task kind on its prepared dev split."""
+    if isinstance(data, KindData):
+        return evaluate_kind(model, data, device, ft.precision, family, ft.num_beams)
+    return evaluate_task(model, data.dev, data.task, data.pad, device, ft.precision)
+
+
 def selection_score(metrics: dict[str, float], config: TaskConfig) -> float:
     """Higher is better: the task's selection metric, or minus the dev loss for generation."""
     if config.kind == "generation":
@@ -279,11 +309,23 @@ class Prepared:
     train: list[Encoded]
     dev: list[Encoded]
     pad: int
+    regression: bool = False
+
+    def collate(self, rows: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad, self.regression)
+
+    @staticmethod
+    def targets(item: Encoded) -> float:
+        """What the loss of one example averages over: its response tokens (generation), else the example."""
+        return float(sum(t != IGNORE_INDEX for t in item.target)) if isinstance(item.target, list) else 1.0
 
 
-def prepare_data(config: FinetuneRunConfig, tokenizer: Tokenizer, task: Optional[TaskData] = None) -> Prepared:
+def prepare_data(config: FinetuneRunConfig, tokenizer: Tokenizer,
+                 task: Optional[TaskData] = None) -> "Prepared | KindData":
     """Load (or take) the task, apply the label budget, and encode both splits."""
     ft = config.finetune
+    if config.task.kind in STRUCTURED_KINDS or config.model.family == "t5":
+        return prepare_kind(config, tokenizer, ft.label_fraction)
     task = task or load_task(config.task)
     max_length = min(ft.max_length, config.model.block_size)
     train_examples: list[Example] = task.train
@@ -296,7 +338,7 @@ def prepare_data(config: FinetuneRunConfig, tokenizer: Tokenizer, task: Optional
         tok = task_tokenizer(tokenizer, family, max_length)
         encode = lambda examples: encode_examples(tok, examples)  # noqa: E731
     return Prepared(task, tokenizer if task.is_generation else tok, encode(train_examples), encode(task.dev),
-                    pad_id(tokenizer, family))
+                    pad_id(tokenizer, family), task.is_regression)
 
 
 def total_steps(ft: FinetuneConfig, num_train: int) -> int:
@@ -327,11 +369,6 @@ def finetune(config: FinetuneRunConfig, run_dir: Path, resume: bool = False, pro
             run.discard_if_unused()
 
 
-def _targets(item: Encoded) -> int:
-    """What the loss of one example averages over: its response tokens (generation), else the example."""
-    return sum(t != IGNORE_INDEX for t in item.target) if isinstance(item.target, list) else 1
-
-
 def rank_micro_batches(indices: np.ndarray, rank: int, world_size: int, accum: int) -> list[np.ndarray]:
     """This process's micro-batches of a step's examples: its consecutive part, cut in `accum` pieces.
     A short last batch of an epoch gives near-equal pieces, some of which may be empty."""
@@ -341,9 +378,10 @@ def rank_micro_batches(indices: np.ndarray, rank: int, world_size: int, accum: i
 class FinetuneRecipe(Recipe):
     """The task's loss over shuffled labeled batches, scored on the dev set; the best dev checkpoint is kept."""
 
-    def __init__(self, config: FinetuneRunConfig, data: Prepared, model: nn.Module, world: World,
+    def __init__(self, config: FinetuneRunConfig, data: "Prepared | KindData", model: nn.Module, world: World,
                  device: torch.device, mesh: Any):
         ft = config.finetune
+        self.family = config.model.family
         self.ft, self.data, self.world, self.device, self.precision = ft, data, world, device, ft.precision
         self.kind = data.task.config.kind
         self.name, self.grad_clip, self.log_every = f"finetune {data.task.name}", ft.grad_clip, ft.log_every
@@ -375,17 +413,15 @@ class FinetuneRecipe(Recipe):
         self.step_examples += len(indices)
         parts = []
         for part in rank_micro_batches(indices, self.world.rank, self.world.size, self.accum):
-            count = float(sum(_targets(train[i]) for i in part))
+            count = float(sum(self.data.targets(train[i]) for i in part))
             if len(part) == 0:  # every process must run as many passes as the others: one that counts 0
                 part = indices[:1]
-            parts.append((collate([train[i] for i in part], self.data.pad, self.kind == "regression"),
-                          {"labels": count}))
+            parts.append((self.data.collate([train[i] for i in part]), {"labels": count}))
         return parts
 
     def evaluate(self) -> dict[str, float]:
         # The processes share the dev set's batches; rank 0's scores decide for all.
-        return broadcast_object(evaluate_task(self.model, self.data.dev, self.data.task, self.data.pad, self.device,
-                                              self.precision))
+        return broadcast_object(evaluate_prepared(self.model, self.data, self.device, self.ft, self.family))
 
     def throughput(self, steps: int, seconds: float) -> dict[str, float]:
         examples, self.step_examples = self.step_examples, 0
@@ -453,6 +489,7 @@ def _finetune(config: FinetuneRunConfig, run: RunDir, resume: bool, progress: bo
                        "total_steps": recipe.total_steps, "best_checkpoint": best_name,
                        "select_metric": "loss" if kind == "generation" else task.config.select_metric,
                        "dev": {k.removeprefix("val_"): v for k, v in state.best.items()},
+                       **({"counts": data.task.counts} if isinstance(data, KindData) else {}),
                        "stopped_early": result.stopped_early, "interrupted": result.interrupted_by is not None,
                        "seconds": round(result.seconds, 1)})
     return result
@@ -478,6 +515,8 @@ def load_finetuned(run_dir: str | Path, checkpoint: Optional[str] = None,
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     ckpt = best_checkpoint(run_dir) if checkpoint is None else find_checkpoint(run_dir, checkpoint)
     outputs = 1 if config.task.kind == "regression" else len(config.task.labels or [])
+    if config.task.kind in ("span", "seq2seq"):
+        outputs = 0
     model = build_task_model(config.model, config.task.kind, outputs, 0.0, config.finetune.pooling)
     load_model_weights(model, ckpt.model_path)
     model.to(device).eval()
@@ -492,13 +531,25 @@ def evaluate_finetuned(run_dir: str | Path, checkpoint: Optional[str] = None, de
     data = prepare_data(dataclasses.replace(run.config, finetune=dataclasses.replace(run.config.finetune,
                                                                                      label_fraction=1.0)),
                         run.tokenizer)
-    return run, evaluate_task(run.model, data.dev, data.task, data.pad, dev, run.config.finetune.precision)
+    return run, evaluate_prepared(run.model, data, dev, run.config.finetune, run.config.model.family)
 
 
 @torch.no_grad()
 def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]]) -> list[dict[str, Any]]:
     """Per input: {label, probabilities} (classification), {score} (regression) or {response} (generation)."""
     config, device = run.config, next(run.model.parameters()).device
+    kind = config.task.kind
+    if kind == "tokens":
+        return predict_entities(run.model, run.tokenizer, config, [text for text, _ in texts])
+    if kind == "span":
+        if any(pair is None for _, pair in texts):
+            raise LmforgeError(f"task {config.task.name} answers a question from a passage: give both, "
+                               f'e.g. lmforge predict RUN "Who wrote it?" "It was written by ..."')
+        return predict_answers(run.model, run.tokenizer, config, texts)
+    if kind == "seq2seq":
+        return predict_outputs(run.model, run.tokenizer, config, [text for text, _ in texts])
+    if config.model.family == "t5":  # text-to-text: the decoded label word (or score)
+        return predict_outputs(run.model, run.tokenizer, config, list(texts))
     max_length = min(config.finetune.max_length, config.model.block_size)
     if config.task.kind == "generation":
         out = []

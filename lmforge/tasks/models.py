@@ -80,14 +80,19 @@ class SequenceClassifier(nn.Module):
 
 def build_task_model(config: ModelConfig, kind: str, num_outputs: int, dropout: float,
                      pooling: str = "auto") -> nn.Module:
-    """A freshly initialised task model: SequenceClassifier, or the GPT itself for generation."""
+    """A freshly initialised task model: SequenceClassifier, a per-token model (tokens, span), or the pretraining
+    model itself for generation and seq2seq."""
+    if kind in ("tokens", "span"):
+        from lmforge.tasks.heads import build_per_token_model  # heads.py imports this module's neighbours
+
+        return build_per_token_model(config, kind, num_outputs, dropout)
     pretraining_model = build_model(config)
-    if kind == "generation":
+    if kind in ("generation", "seq2seq") or config.family == "t5":  # the model itself writes the target (text)
         return pretraining_model
     backbone = pretraining_model.bert if config.family == "bert" else pretraining_model
     return SequenceClassifier(backbone, num_outputs, dropout, pooling)
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The pretrained stack inside a task model (the model itself for generation)."""
-    return model.backbone if isinstance(model, SequenceClassifier) else model
+    """The pretrained stack inside a task model (the model itself for generation and seq2seq)."""
+    return getattr(model, "backbone", model)
