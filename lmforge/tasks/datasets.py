@@ -8,6 +8,7 @@ with the file, line and column, since a stray tab silently shifts every column a
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -167,16 +168,30 @@ def _delimited_rows(path: Path, text: str, fmt: str, config: TaskConfig) -> Iter
                    label=row[index["label"]].strip(), line=line)
 
 
-def _jsonl_rows(path: Path, text: str, config: TaskConfig) -> Iterator[_Row]:
+def jsonl_objects(path: Path, text: str, python_literals: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL text; a line that is no object is one error
+    naming the file and line. python_literals: also read lines that are Python dict literals (single quotes,
+    as DialogSum's train file has) with ast.literal_eval, which evaluates literals only, never code."""
     for line, raw in enumerate(io.StringIO(text, newline=""), start=1):
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise LmforgeError(f"{path}:{line}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not python_literals:
+                raise LmforgeError(f"{path}:{line}: not valid JSON ({err.msg} at column {err.colno})") from None
+            try:
+                obj = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise LmforgeError(f"{path}:{line}: neither JSON ({err.msg} at column {err.colno}) nor a "
+                                   f"Python literal") from None
         if not isinstance(obj, dict):
             raise LmforgeError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+        yield line, obj
+
+
+def _jsonl_rows(path: Path, text: str, config: TaskConfig) -> Iterator[_Row]:
+    for line, obj in jsonl_objects(path, text):
         values: dict[str, Optional[str]] = {"text_pair": None}
         for key, field in _columns(config):
             if field is None:

@@ -20,21 +20,13 @@ from lmforge.tasks.batches import IGNORE_INDEX
 
 def backbone_hidden(backbone: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states (batch, length, d_model) of a BertEncoder or GPT: its `hidden_states` where it has one.
+    """Final hidden states (batch, length, d_model) of a BertEncoder or GPT backbone.
 
     A GPT has no segments: token_type_ids are dropped for it.
     """
     if backbone.config.family != "bert":
         token_type_ids = None
-    if hasattr(backbone, "hidden_states"):
-        return backbone.hidden_states(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
-    if backbone.config.family == "bert":
-        hidden, _ = backbone(input_ids, token_type_ids, attention_mask)
-        return hidden
-    from lmforge.tasks.models import decoder_hidden  # the models without hidden_states
-
-    # Right padding and causal attention: real positions never see the pads, so no mask is needed.
-    return decoder_hidden(backbone, input_ids)
+    return backbone.hidden_states(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
 
 
 class _PerTokenModel(nn.Module):

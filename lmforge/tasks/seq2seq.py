@@ -14,10 +14,7 @@ rouge-score's ROUGE-1/2/L F-measure (Porter stemming), all x100.
 
 from __future__ import annotations
 
-import ast
 import gzip
-import io
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,7 @@ from tokenizers import Tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.tasks.batches import IGNORE_INDEX
 from lmforge.tasks.config import TaskConfig, find_split_file
-from lmforge.tasks.datasets import Example, _delimited_rows, _file_format, _read_text
+from lmforge.tasks.datasets import Example, _delimited_rows, _file_format, _read_text, jsonl_objects
 from lmforge.tasks.metrics import metric_package
 
 log = logging.getLogger(__name__)
@@ -117,19 +114,7 @@ def read_seq2seq_jsonl(path: str | Path, input_field: str = "input", target_fiel
     """One object per line; lines that are Python dict literals (single quotes) are read with ast.literal_eval."""
     path = Path(path)
     pairs = []
-    for number, raw in enumerate(io.StringIO(_open_text(path, encoding), newline=None), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            try:
-                obj = ast.literal_eval(raw.strip())  # literals only: never runs code
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                raise LmforgeError(f"{path}:{number}: neither JSON ({err.msg} at column {err.colno}) nor a "
-                                   f"Python literal") from None
-        if not isinstance(obj, dict):
-            raise LmforgeError(f"{path}:{number}: expected an object, got {type(obj).__name__}")
+    for number, obj in jsonl_objects(path, _open_text(path, encoding), python_literals=True):
         values = []
         for key, field in (("text", input_field), ("label", target_field)):
             value = obj.get(field)

@@ -14,7 +14,6 @@ SQuAD. Entity-level scores are seqeval's.
 from __future__ import annotations
 
 import io
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from tokenizers import Tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.tasks.batches import IGNORE_INDEX, Encoded, collate
 from lmforge.tasks.config import TaskConfig, find_split_file
+from lmforge.tasks.datasets import jsonl_objects
 from lmforge.tasks.metrics import metric_package
 
 DOCSTART = "-DOCSTART-"
@@ -89,15 +89,7 @@ def read_tagged_jsonl(path: str | Path, words_field: str = "tokens", tags_field:
     """Sentences of a JSONL file: one object per line with a list of words and a list of tags as long."""
     path = Path(path)
     sentences = []
-    for number, raw in enumerate(io.StringIO(_read(path, encoding), newline=None), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise LmforgeError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise LmforgeError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+    for number, obj in jsonl_objects(path, _read(path, encoding)):
         values = []
         for field in (words_field, tags_field):
             value = obj.get(field)
