@@ -434,6 +434,9 @@ class FinetuneRecipe(Recipe):
     def save_state(self, state: TrainerState) -> None:
         state.total_steps = self.total_steps
 
+    def rollback_command(self, run_dir: Path) -> str:
+        return f"lmforge finetune --resume {run_dir} --set finetune.lr={self.ft.lr / 2:g}"
+
 
 def _finetune(config: FinetuneRunConfig, run: RunDir, resume: bool, progress: bool, task: Optional[TaskData],
               world: World, device: torch.device, mesh: Any, started: float) -> FinetuneResult:

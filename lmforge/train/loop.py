@@ -123,6 +123,10 @@ class Recipe:
     def save_state(self, state: TrainerState) -> None:
         """Add what this recipe needs to resume (e.g. the loader's position) to the checkpoint's state."""
 
+    def rollback_command(self, run_dir: Path) -> str:
+        """The command that resumes `run_dir` from its last good checkpoint with half the learning rate."""
+        raise NotImplementedError
+
     def on_evaluated(self, step: int, metrics: dict[str, float], best: bool) -> None:
         """Say what an evaluation found (the loop has already logged it)."""
 
@@ -183,8 +187,8 @@ def run_loop(recipe: Recipe, run: RunDir, state: TrainerState, world: World, pro
         recipe.save_state(state)
         if not weights_are_finite(recipe.model):  # a NaN checkpoint would be named "good" later
             raise LmforgeError(f"step {state.step}: the weights are not finite; the {step_name(state.step)} "
-                               f"checkpoint was not written (last good: {_latest(run)}). Resume from it with a "
-                               f"lower learning rate: lmforge ... --resume {run.path} --set ...lr=...")
+                               f"checkpoint was not written (last good: {_latest(run)}). Roll back with: "
+                               f"{recipe.rollback_command(run.path)}")
         save_checkpoint(run.checkpoints, recipe.model, recipe.optimizer, state)
         if world.is_main:
             best = step_name(state.best_step) if state.best_step is not None and keep.score else None
@@ -234,8 +238,8 @@ def run_loop(recipe: Recipe, run: RunDir, state: TrainerState, world: World, pro
                 bar.update(1)
                 if recipe.max_bad_steps and bad_in_a_row >= recipe.max_bad_steps:
                     raise LmforgeError(f"{bad_in_a_row} consecutive non-finite steps ending at step {step}; stopped. "
-                                       f"Last good checkpoint: {_latest(run)}. Roll back with a lower learning rate "
-                                       f"and --resume {run.path}")
+                                       f"Last good checkpoint: {_latest(run)}. Roll back with: "
+                                       f"{recipe.rollback_command(run.path)}")
 
                 row: dict[str, Any] = {}
                 last = step == recipe.total_steps

@@ -142,6 +142,9 @@ class PretrainRecipe(Recipe):
     def on_evaluated(self, step: int, metrics: dict[str, float], best: bool) -> None:
         tqdm.write(f"step {step}: val {describe_metrics(metrics)}")
 
+    def rollback_command(self, run_dir: Path) -> str:
+        return f"lmforge pretrain --resume {run_dir} --set train.lr={self.config.train.lr / 2:g}"
+
 
 def _pretrain(config: Config, run: RunDir, resume: bool, progress: bool, world: World, device: torch.device,
               mesh: Any, started: float) -> TrainResult:
