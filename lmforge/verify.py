@@ -14,7 +14,7 @@ def verify_store(path: Path) -> tuple[list[str], list[str]]:
     from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256
 
     store = TokenStore(path)
-    problems = store.verify()
+    problems = store.verify(progress=True)
     try:
         if tokenizer_sha256(load_tokenizer(store.tokenizer_path)) != store.manifest.get("tokenizer_sha256"):
             problems.append(f"{store.tokenizer_path} is not the tokenizer the manifest names")

@@ -21,7 +21,7 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 
 from lmforge.errors import LmforgeError
-from lmforge.fileio import sha256_file  # noqa: F401 (re-used by prepare)
+from lmforge.fileio import sha256_file
 from lmforge.fileio import write_atomic as _write_atomic
 
 FORMAT = "lmforge-token-store"
@@ -359,10 +359,14 @@ class TokenStore:
             raise LmforgeError(f"token store {self.path}: {problem}; remove the store and re-run prepare")
         _verified.add(key)
 
-    def verify(self) -> list[str]:
+    def verify(self, progress: bool = False) -> list[str]:
         """Everything wrong with the store's shards (empty when every shard is whole), checked now."""
+        from tqdm import tqdm
+
         vocab_size = self.manifest.get("vocab_size")
-        return [problem for info in self.manifest["splits"].values() for shard in info["shards"]
+        shards = [shard for info in self.manifest["splits"].values() for shard in info["shards"]]
+        return [problem for shard in tqdm(shards, desc="verifying shards", unit="shard", disable=not progress,
+                                          leave=False)
                 if (problem := shard_problem(self.path, shard, self.dtype, vocab_size)) is not None]
 
 
