@@ -365,8 +365,9 @@ class TokenStore:
 
         vocab_size = self.manifest.get("vocab_size")
         shards = [shard for info in self.manifest["splits"].values() for shard in info["shards"]]
-        return [problem for shard in tqdm(shards, desc="verifying shards", unit="shard", disable=not progress,
-                                          leave=False)
+        # disable=None: a bar for a person at a terminal, nothing in logs or captured output
+        bar = tqdm(shards, desc="verifying shards", unit="shard", disable=None if progress else True, leave=False)
+        return [problem for shard in bar
                 if (problem := shard_problem(self.path, shard, self.dtype, vocab_size)) is not None]
 
 
