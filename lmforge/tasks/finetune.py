@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -429,7 +430,7 @@ class FinetuneRecipe(Recipe):
 
     def on_evaluated(self, step: int, metrics: dict[str, float], best: bool) -> None:
         shown = ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items())
-        tqdm.write(f"step {step}: dev {shown}" + ("  (best)" if best else ""))
+        tqdm.write(f"step {step}: dev {shown}" + ("  (best)" if best else ""), file=sys.stderr)
 
     def save_state(self, state: TrainerState) -> None:
         state.total_steps = self.total_steps

@@ -4,6 +4,7 @@ Recipe of the training loop; resumable at any checkpoint, the same on one proces
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ class PretrainRecipe(Recipe):
         state.config = self.config.to_dict()
 
     def on_evaluated(self, step: int, metrics: dict[str, float], best: bool) -> None:
-        tqdm.write(f"step {step}: val {describe_metrics(metrics)}")
+        tqdm.write(f"step {step}: val {describe_metrics(metrics)}", file=sys.stderr)
 
     def rollback_command(self, run_dir: Path) -> str:
         return f"lmforge pretrain --resume {run_dir} --set train.lr={self.config.train.lr / 2:g}"
