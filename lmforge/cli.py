@@ -255,7 +255,7 @@ def evaluate_finetuned_run(args: argparse.Namespace) -> int:
     from lmforge.tasks.finetune import evaluate_finetuned
 
     run, measured = evaluate_finetuned(args.run, args.checkpoint, args.device)
-    result = {"checkpoint": run.checkpoint.path.name, "split": "dev", "task": run.config.task.name,
+    result = {"checkpoint": run.checkpoint.path.name, "split": "dev", "task": "+".join(t.name for t in run.config.tasks),
               **{k.removeprefix("val_"): v for k, v in measured.items()}}
     if args.json:
         print(json.dumps(result))
@@ -319,7 +319,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         inputs = [(args.text, args.pair)]
     run = load_finetuned(args.run, args.checkpoint, resolve_device(args.device))
-    results = predict(run, inputs)
+    results = predict(run, inputs, args.task)
     for (text, pair), result in zip(inputs, results):
         if args.json:
             print(json.dumps({"text": text, **({"pair": pair} if pair is not None else {}), **result}))
@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pair", nargs="?", help="the second text, for pair tasks")
     p.add_argument("--file", help="one input per line; a tab separates the two texts of a pair")
     p.add_argument("--json", action="store_true", help="one JSON object per input")
+    p.add_argument("--task", help="a multi-task t5 run: the task the inputs are for (default: its first)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a run's checkpoint as a transformers model directory")

@@ -341,6 +341,9 @@ class FinetuneConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
     num_beams: int = 1  # seq2seq on a t5 run: beam width of dev decoding and predict (1: greedy)
+    # multi-task (--task a,b on a t5 run): each epoch holds min(n, mixing_cap) examples of a task of n
+    # (T5's examples-proportional mixing with an artificial limit, tasks/mixture.py)
+    mixing_cap: int = 65536
     # classifiers' summary vector: auto = pooled [CLS] (bert) / last real token (gpt); cls; last; or mean
     # = the average final hidden state over the real tokens (either family)
     pooling: Literal["auto", "cls", "last", "mean"] = "auto"
@@ -355,6 +358,8 @@ class FinetuneConfig:
                 raise LmforgeError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if self.num_beams < 1:
             raise LmforgeError(f"{prefix}.num_beams must be >= 1, got {self.num_beams}")
+        if self.mixing_cap < 1:
+            raise LmforgeError(f"{prefix}.mixing_cap must be >= 1 example per task and epoch, got {self.mixing_cap}")
         if not self.lr > 0 or (self.head_lr is not None and not self.head_lr > 0):
             raise LmforgeError(f"{prefix}.lr and {prefix}.head_lr must be positive, got {self.lr}, {self.head_lr}")
         if not 0 < self.layer_lr_decay <= 1:
@@ -382,8 +387,15 @@ class FinetuneRunConfig:
     base_checkpoint: str = ""  # the checkpoint of base_run it started from
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)  # labels filled in: the head's class order
+    # a multi-task (text-to-text) run's other tasks, mixed with `task` (tasks/mixture.py); [] for one task
+    extra_tasks: list[TaskConfig] = field(default_factory=list)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # how several processes share the work
+
+    @property
+    def tasks(self) -> list[TaskConfig]:
+        """Every task the run trains on: `task`, then the extra tasks of a multi-task run."""
+        return [self.task, *self.extra_tasks]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

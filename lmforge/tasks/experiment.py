@@ -25,6 +25,7 @@ from lmforge.errors import LmforgeError
 from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, resolve_task_config
 from lmforge.tasks.datasets import TaskData, load_task
 from lmforge.tasks.finetune import finetune, is_finetune_run, load_finetune_config, plan_finetune
+from lmforge.tasks.mixture import mixture_name, split_task_list
 from lmforge.train.rundir import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ INITS = ("pretrained", "random")
 @dataclass
 class ExperimentConfig:
     name: str = "pretrain-value"
-    tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc"])  # task directories or GLUE names
+    # task directories, GLUE names or task recipes; "a+b": one multi-task (text-to-text, t5) fine-tune of a and b
+    tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc"])
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # label budgets, of each class
     seeds: list[int] = field(default_factory=lambda: [42])  # each cell once per seed (finetune.seed is ignored)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the same for every cell
@@ -82,7 +84,10 @@ def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
     rows = []
     for task_name in config.tasks:
         task: Optional[TaskData] = None  # loaded once per task, and only if a cell still has to run
-        short_name = resolve_task_config(task_name, data_root).name
+        parts = [resolve_task_config(name, data_root) for name in split_task_list(task_name)]
+        short_name = mixture_name([part.name for part in parts])
+        # sentence tasks are read once for all cells; the structured kinds and mixtures read their own files
+        preload = len(parts) == 1 and parts[0].kind in ("classification", "regression", "generation")
         for fraction, seed, init in itertools.product(config.fractions, config.seeds, INITS):
             run_dir = out / _cell_name(short_name, fraction, init, seed)
             recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction, seed=seed)
@@ -91,13 +96,18 @@ def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
                                                            finetune=recipe))
             summary = _finished(run_dir)
             if summary is None:
-                task = task or load_task(task_name, data_root)
+                if preload:
+                    task = task or load_task(parts[0])
                 summary = _run_cell(pretrained, task_name, task, recipe, run_dir, data_root, progress)
+            cell = {"fraction": fraction, "seed": seed, "init": init, "dev": summary["dev"], "steps": summary["step"],
+                    "seconds": summary["seconds"], "run": str(run_dir)}
             metric = summary["select_metric"]
-            rows.append({"task": summary["task"], "fraction": fraction, "seed": seed, "init": init,
-                         "labels": summary["train_examples"], "metric": metric,
-                         "score": summary["dev"][metric], "dev": summary["dev"], "steps": summary["step"],
-                         "seconds": summary["seconds"], "run": str(run_dir)})
+            rows.append({"task": summary["task"], "labels": summary["train_examples"], "metric": metric,
+                         "score": summary["dev"][metric], **cell})
+            if len(parts) > 1:  # a multi-task cell: each task's own score too (not counted twice in the time)
+                rows.extend({"task": part.name, "labels": summary["tasks"][part.name]["train_examples"],
+                             "metric": part.select_metric, "score": summary["dev"][f"{part.name}_{part.select_metric}"],
+                             **cell, "seconds": 0.0} for part in parts)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "results.md").write_text(results_table(rows, config, pretrained) + "\n", encoding="utf-8")
     plot_results(rows, out / "results.png")
@@ -126,7 +136,7 @@ def _check_cell_matches(run_dir: Path, planned: FinetuneRunConfig) -> None:
                            f"another --out, or remove that cell to train it again")
 
 
-def _run_cell(pretrained: str | Path, task_name: str, task: TaskData, recipe: FinetuneConfig, run_dir: Path,
+def _run_cell(pretrained: str | Path, task_name: str, task: Optional[TaskData], recipe: FinetuneConfig, run_dir: Path,
               data_root: Optional[str], progress: bool) -> dict[str, Any]:
     """One fine-tune (continued if an earlier attempt left a checkpoint); its summary."""
     resume = (run_dir / "checkpoints" / "latest").is_file()

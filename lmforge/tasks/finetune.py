@@ -35,12 +35,14 @@ from lmforge.run import load_run_config
 from lmforge.tasks.batches import (Encoded, batch_indices, collate, decode_response, encode_examples,
                                    encode_generation, length_sorted_batches, pad_id, steps_per_epoch,
                                    task_tokenizer)
-from lmforge.tasks.config import FinetuneConfig, FinetuneRunConfig, TaskConfig, resolve_task_config
+from lmforge.tasks.config import (FinetuneConfig, FinetuneRunConfig, TaskConfig, recipe_finetune,
+                                  resolve_task_config)
 from lmforge.tasks.datasets import Example, TaskData, load_task, subsample
 from lmforge.tasks.heads import TokenClassifier
 from lmforge.tasks.kinds import (STRUCTURED_KINDS, KindData, evaluate_kind, kind_loss, predict_answers,
                                  predict_entities, predict_outputs, prepare_kind)
 from lmforge.tasks.metrics import compute_metrics
+from lmforge.tasks.mixture import mixture_name, split_task_list
 from lmforge.tasks.models import SequenceClassifier, backbone_of, build_task_model, resolve_pooling
 from lmforge.train.checkpoint import (Checkpoint, TrainerState, find_checkpoint, load_model_weights,
                                       resume_training_state, step_name)
@@ -91,12 +93,21 @@ def best_checkpoint(run_dir: Path) -> Checkpoint:
 
 def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = (), data_root: Optional[str] = None,
                   checkpoint: Optional[str] = None, finetune: Optional[FinetuneConfig] = None) -> FinetuneRunConfig:
-    """The resolved FinetuneRunConfig for fine-tuning base_run on task: `finetune` (default: the
-    defaults), then `--set` overrides."""
+    """The resolved FinetuneRunConfig for fine-tuning base_run on task: `finetune` (default: the task
+    recipe's `finetune` section, if `task` names one, else the defaults), then `--set` overrides.
+    `task` may list several tasks (`sst2,stsb`): a multi-task text-to-text fine-tune of a t5 run."""
     base_run = Path(base_run)
     task_overrides = [o.removeprefix("task.") for o in overrides if o.strip().startswith("task.")]
     run_overrides = [o for o in overrides if not o.strip().startswith("task.")]
-    task_config = resolve_task_config(task, data_root, task_overrides)
+    names = split_task_list(task)
+    if any(not name for name in names):
+        raise LmforgeError(f"--task {task!r}: an empty task name in the list (give e.g. sst2,stsb)")
+    if len(set(names)) != len(names):
+        raise LmforgeError(f"--task {task!r} names a task twice")
+    task_configs = [resolve_task_config(name, data_root, task_overrides) for name in names]
+    task_config = task_configs[0]
+    if finetune is None and len(names) == 1:
+        finetune = from_dict(FinetuneConfig, recipe_finetune(task), "finetune")
     if is_finetune_run(base_run):
         base = load_finetune_config(base_run)
         model_config = base.model
@@ -104,8 +115,9 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
     else:
         model_config = load_run_config(base_run).model
         name = find_checkpoint(base_run, checkpoint).path.name
-    data: dict[str, Any] = {"name": f"{task_config.name}", "base_run": str(base_run), "base_checkpoint": name,
-                            "model": dataclasses.asdict(model_config), "task": task_config.to_dict(),
+    data: dict[str, Any] = {"name": mixture_name([t.name for t in task_configs]), "base_run": str(base_run),
+                            "base_checkpoint": name, "model": dataclasses.asdict(model_config),
+                            "task": task_config.to_dict(), "extra_tasks": [t.to_dict() for t in task_configs[1:]],
                             "finetune": dataclasses.asdict(finetune) if finetune is not None else {}}
     _apply_run_overrides(data, run_overrides)
     config = from_dict(FinetuneRunConfig, data)
@@ -113,7 +125,10 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
     config.parallel.validate("parallel")
     config.model.dropout = config.finetune.dropout
     config.model.validate("model")
-    check_kind_family(config.task, config.model.family, base_run)
+    for each in config.tasks:
+        check_kind_family(each, config.model.family, base_run)
+    if config.extra_tasks:
+        check_mixture(config.tasks, config.model.family, base_run)
     if config.task.kind in ("classification", "regression") and config.model.family != "t5":
         try:
             resolve_pooling(config.finetune.pooling, config.model.family)
@@ -133,6 +148,22 @@ def check_kind_family(task: TaskConfig, family: str, base_run: Path) -> None:
     if family not in families:
         raise LmforgeError(f"task {task.name}: a {task.kind} task fine-tunes a {' or '.join(families)} run; "
                            f"{base_run} is a {family} run")
+
+
+def check_mixture(tasks: Sequence[TaskConfig], family: str, base_run: Path) -> None:
+    """Several tasks in one run are text-to-text: a t5 run, and tasks it writes as text."""
+    names = ", ".join(t.name for t in tasks)
+    if family != "t5":
+        raise LmforgeError(f"--task {names}: several tasks in one fine-tune are text-to-text, for a t5 run; "
+                           f"{base_run} is a {family} run (fine-tune each task on its own)")
+    for each in tasks:
+        if each.kind not in ("classification", "regression", "seq2seq"):
+            raise LmforgeError(f"--task {names}: {each.name} is a {each.kind} task; a multi-task t5 run mixes "
+                               f"classification, regression and seq2seq tasks")
+    seen = [t.name for t in tasks]
+    if len(set(seen)) != len(seen):
+        raise LmforgeError(f"--task {names}: two tasks share the name {next(n for n in seen if seen.count(n) > 1)!r} "
+                           f"(a task's name is its text prefix and its metrics' prefix)")
 
 
 def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData) -> None:
@@ -386,8 +417,10 @@ class FinetuneRecipe(Recipe):
         self.ft, self.data, self.world, self.device, self.precision = ft, data, world, device, ft.precision
         self.kind = data.task.config.kind
         self.name, self.grad_clip, self.log_every = f"finetune {data.task.name}", ft.grad_clip, ft.log_every
-        self.total_steps = total_steps(ft, len(data.train))
-        self.per_epoch = steps_per_epoch(len(data.train), ft.batch_size)
+        self.mixing = getattr(data, "mixing", None)  # a multi-task run's epochs: capped shares of each task
+        epoch_size = self.mixing.epoch_size if self.mixing is not None else len(data.train)
+        self.total_steps = total_steps(ft, epoch_size)
+        self.per_epoch = steps_per_epoch(epoch_size, ft.batch_size)
         self.eval_every = ft.eval_every or self.per_epoch
         self.max_bad_steps = ft.max_bad_steps
         task_config = data.task.config
@@ -410,7 +443,10 @@ class FinetuneRecipe(Recipe):
 
     def micro_batches(self, step: int) -> list[tuple[dict, dict[str, float]]]:
         train = self.data.train
-        indices = batch_indices(len(train), self.ft.batch_size, self.ft.seed, step)
+        if self.mixing is not None:
+            indices = self.mixing.batch_indices(self.ft.batch_size, self.ft.seed, step)
+        else:
+            indices = batch_indices(len(train), self.ft.batch_size, self.ft.seed, step)
         self.step_examples += len(indices)
         parts = []
         for part in rank_micro_batches(indices, self.world.rank, self.world.size, self.accum):
@@ -478,6 +514,9 @@ def _finetune(config: FinetuneRunConfig, run: RunDir, resume: bool, progress: bo
         layout = f" on {world.size} processes ({config.parallel.strategy})" if world.distributed else ""
         log.info(f"fine-tune {config.model.family} ({ft.init} init) on {task.name}: {budget}{len(data.train):,} "
                  f"examples, {recipe.total_steps} steps of {ft.batch_size}{layout}, dev {len(data.dev):,}")
+        if recipe.mixing is not None:
+            shares = ", ".join(f"{name} {n:,} ({rate:.1%})" for name, n, rate in _mixture_shares(data))
+            log.info(f"mixed in proportion to size, at most {ft.mixing_cap:,} per task and epoch: {shares}")
     done = run_loop(recipe, run, state, world, progress, resumed=resume)
     state = done.state
     result = FinetuneResult(run.path, done.step, recipe.total_steps, best_step=state.best_step, best=state.best,
@@ -494,9 +533,17 @@ def _finetune(config: FinetuneRunConfig, run: RunDir, resume: bool, progress: bo
                        "select_metric": "loss" if kind == "generation" else task.config.select_metric,
                        "dev": {k.removeprefix("val_"): v for k, v in state.best.items()},
                        **({"counts": data.task.counts} if isinstance(data, KindData) else {}),
+                       **({"tasks": {name: {"train_examples": n, "rate": rate} for name, n, rate in
+                                     _mixture_shares(data)}} if recipe.mixing is not None else {}),
                        "stopped_early": result.stopped_early, "interrupted": result.interrupted_by is not None,
                        "seconds": round(result.seconds, 1)})
     return result
+
+
+def _mixture_shares(data: KindData) -> list[tuple[str, int, float]]:
+    """(task, train examples, share of each epoch) of a multi-task run."""
+    assert data.parts is not None and data.mixing is not None
+    return [(part.task.name, len(part.train), rate) for part, rate in zip(data.parts, data.mixing.rates())]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,9 +586,16 @@ def evaluate_finetuned(run_dir: str | Path, checkpoint: Optional[str] = None, de
 
 
 @torch.no_grad()
-def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]]) -> list[dict[str, Any]]:
-    """Per input: {label, probabilities} (classification), {score} (regression) or {response} (generation)."""
+def predict(run: LoadedFinetune, texts: Sequence[tuple[str, Optional[str]]],
+            task: Optional[str] = None) -> list[dict[str, Any]]:
+    """Per input: {label, probabilities} (classification), {score} (regression) or {response} (generation).
+    task: which task of a multi-task run the inputs are for (its text prefix); default its first."""
     config, device = run.config, next(run.model.parameters()).device
+    if task is not None:
+        chosen = [t for t in config.tasks if t.name == task]
+        if not chosen:
+            raise LmforgeError(f"--task {task}: the run was fine-tuned on {', '.join(t.name for t in config.tasks)}")
+        config = dataclasses.replace(config, task=chosen[0], extra_tasks=[])
     kind = config.task.kind
     if kind == "tokens":
         return predict_entities(run.model, run.tokenizer, config, [text for text, _ in texts])

@@ -12,6 +12,7 @@ scoring modules' x100 values (seqeval, SQuAD, sacreBLEU, ROUGE) are divided by 1
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +27,7 @@ from lmforge.model import IGNORE_INDEX
 from lmforge.tasks.batches import Encoded, collate, decode_response, encode_generation, pad_id, task_tokenizer
 from lmforge.tasks.config import TaskConfig
 from lmforge.tasks.heads import span_loss, token_classification_loss
+from lmforge.tasks.mixture import MixingPlan, merge_dev_metrics, mixture_config
 from lmforge.train.device import autocast
 
 STRUCTURED_KINDS = ("tokens", "span", "seq2seq")
@@ -70,6 +72,8 @@ class KindData:
     dev_tags: Optional[list[list[int]]] = None  # tokens: per dev sentence, per word: class
     label_words: Optional[list[str]] = None  # text-to-text classification: the target text of each class
     dev_targets: Optional[list] = None  # text-to-text: the dev classes / scores
+    parts: Optional[list["KindData"]] = None  # a multi-task run: each task's data (train is their concatenation)
+    mixing: Optional[MixingPlan] = None  # a multi-task run: which train items each epoch holds
 
 
 def budget_indices(count: int, fraction: float, seed: int) -> list[int]:
@@ -84,6 +88,8 @@ def budget_indices(count: int, fraction: float, seed: int) -> list[int]:
 def prepare_kind(config: Any, tokenizer: Tokenizer, label_fraction: float) -> KindData:
     """Load a tokens / span / seq2seq task, apply the label budget, encode both splits. config: FinetuneRunConfig."""
     kind = config.task.kind
+    if config.extra_tasks:
+        return _prepare_mixture(config, tokenizer, label_fraction)
     if config.model.family == "t5" and kind in ("classification", "regression"):
         return _prepare_text_to_text(config, tokenizer, label_fraction)
     if kind == "tokens":
@@ -91,6 +97,23 @@ def prepare_kind(config: Any, tokenizer: Tokenizer, label_fraction: float) -> Ki
     if kind == "span":
         return _prepare_span(config, tokenizer, label_fraction)
     return _prepare_seq2seq(config, tokenizer, label_fraction)
+
+
+def _prepare_mixture(config: Any, tokenizer: Tokenizer, fraction: float) -> KindData:
+    """Each task of a multi-task t5 run prepared on its own (its label budget too), trained as one mixture."""
+    parts = [prepare_kind(dataclasses.replace(config, task=task, extra_tasks=[]), tokenizer, fraction)
+             for task in config.tasks]
+    counts: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.task.counts.items():
+            counts[key] = counts.get(key, 0) + value
+    task = KindTask(mixture_config(config.tasks), [], sum(p.task.train_units for p in parts),
+                    sum(p.task.dev_units for p in parts), counts)
+    plan = MixingPlan(tuple(len(p.train) for p in parts), config.finetune.mixing_cap)
+    first = parts[0]  # every part is text-to-text on one tokenizer: one collate, one target count
+    return KindData(task, tokenizer, [item for p in parts for item in p.train], [item for p in parts for item in p.dev],
+                    first.pad, first.collate, first.targets, [raw for p in parts for raw in p.dev_raw], parts=parts,
+                    mixing=plan)
 
 
 def _max_length(config: Any) -> int:
@@ -215,6 +238,10 @@ def evaluate_kind(model: nn.Module, data: KindData, device: torch.device, precis
     was_training = model.training
     model.eval()
     try:
+        if data.parts is not None:
+            return merge_dev_metrics([(part.task.config, evaluate_kind(model, part, device, precision, family,
+                                                                       num_beams, batch_size),
+                                       sum(part.targets(item) for item in part.dev)) for part in data.parts])
         kind = data.task.config.kind
         if kind == "seq2seq" or family == "t5":
             return _evaluate_seq2seq(model, data, device, precision, family, num_beams, batch_size)
