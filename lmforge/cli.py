@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a run on a labeled task (classification, regression, generation)")
     p.add_argument("run", nargs="?", help="the run to start from: a pretraining run, or a fine-tuned one")
-    p.add_argument("--task", help="task directory, or a GLUE name (cola, sst2, mrpc, stsb, wnli)")
+    p.add_argument("--task", help="task directory, task recipe, or a GLUE name (cola, sst2, mrpc, stsb, wnli); "
+                   "a,b: several tasks in one text-to-text fine-tune of a t5 run")
     p.add_argument("--glue-root", help="where GLUE task names are looked up (default: ../shared/data/glue)")
     p.add_argument("--checkpoint", help="checkpoint of RUN to start from (default: newest; a fine-tuned run's best)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -482,7 +482,11 @@ def _prepare_text_to_text(config: Any, tokenizer: Tokenizer, fraction: float) ->
                                             config.task.strict)
     dev_raw = pairs(task_data.dev)
     dev_items, cut_dev = encode_seq2seq(tokenizer, dev_raw, length, config.task.max_target_length, config.task.strict)
-    task = KindTask(config.task, list(task_data.label_names), len(task_data.train), len(task_data.dev),
+    # Dev decoding stops a few tokens past the longest label text: an untrained model that never writes </s>
+    # costs max_target_length decoder steps per batch otherwise, for outputs that are wrong either way.
+    longest = max((len(item.target_ids) for item in train_items), default=1)
+    scored = dataclasses.replace(config.task, max_target_length=min(config.task.max_target_length, longest + 4))
+    task = KindTask(scored, list(task_data.label_names), len(task_data.train), len(task_data.dev),
                     {"cut_inputs": cut_train + cut_dev})
     return KindData(task, tokenizer, train_items, dev_items, pad, lambda rows: collate_seq2seq(rows, pad),
                     lambda item: float(len(item.target_ids)), dev_raw, label_words=words,
