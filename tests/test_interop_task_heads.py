@@ -19,11 +19,15 @@ from test_finetune_kinds import FAST, make_ner_task, make_qa_task, sets
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
-TAGS = ["B-LOC", "B-PER", "I-PER", "O"]  # the tags of make_ner_task, in the order finetune sorts them
+TAGS = {"B-LOC", "B-PER", "I-PER", "O"}  # the tags of make_ner_task
 SENTENCES = ["bob went to oslo", "the film in rome with carol smith", "alice"]  # padded to the longest
 QUESTIONS = [("where does carol live", "carol lives in oslo . the film was good and bob went to alice ."),
              ("who went to rome", "dave lives in lima . the film was good and carol went to rome ."),
              ("where", "bob lives in rome .")]
+
+
+# QA passages cut into windows of 24 tokens (answers found across them), as in test_finetune_kinds
+WINDOWS = {"tokens": [], "span": ["finetune.max_length=24"]}
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +42,7 @@ def _finetuned(tmp_path, kind: str, steps: int):
     task = make_ner_task(tmp_path) if kind == "tokens" else make_qa_task(tmp_path)
     run = tmp_path / f"ft-{kind}"
     finetune(plan_finetune(base, str(task), [*FAST, f"finetune.steps={steps}", f"finetune.eval_every={steps}",
-                                             "finetune.max_length=24"]), run, progress=False)
+                                             *WINDOWS[kind]]), run, progress=False)
     return run, task
 
 
@@ -98,17 +102,18 @@ def test_finetuned_heads_export_and_import_with_equal_logits_and_predictions(tmp
     assert ours.std() > 0.1  # trained logits that differ across tokens and labels, not a flat output
     assert (ours - theirs).abs().max() < TOL
     assert hf_config.architectures == [architecture]
+    labels = load_finetuned(run).config.task.labels  # the head's class order
     if kind == "tokens":
-        assert hf_config.id2label == dict(enumerate(TAGS)) and hf_config.label2id == {t: i for i, t in enumerate(TAGS)}
-        assert hf_config.num_labels == len(TAGS)
+        assert set(labels) == TAGS and hf_config.num_labels == len(TAGS)
+        assert hf_config.id2label == dict(enumerate(labels)) and hf_config.label2id == {t: i for i, t in enumerate(labels)}
 
     # import: a fine-tuned run of the same kind whose logits are transformers' again (config.json does not
-    # say the windows the model was fine-tuned on: --set gives them)
+    # say the window length the model was fine-tuned with: --set gives it)
     back = tmp_path / "back"
-    assert main(["import", str(hf), str(back), "--task", str(task), "--set", "finetune.max_length=24"]) == 0
+    assert main(["import", str(hf), str(back), "--task", str(task), *sets(WINDOWS[kind])]) == 0
     assert "lmforge predict" in capsys.readouterr().out
     imported = load_finetuned(back)
-    assert imported.config.task.kind == kind and imported.config.task.labels == (TAGS if kind == "tokens" else None)
+    assert imported.config.task.kind == kind and imported.config.task.labels == labels
     assert (_ours(back, batch, kind) - theirs).abs().max() < TOL
     # the round trip keeps every tensor but the per-token classes' unused pooler, which they do not have
     original = load_file(str(load_finetuned(run).checkpoint.model_path))
@@ -127,6 +132,14 @@ def test_finetuned_heads_export_and_import_with_equal_logits_and_predictions(tmp
     again = json.loads(capsys.readouterr().out)
     assert {k: v for k, v in again.items() if k != "checkpoint"} == pytest.approx(
         {k: v for k, v in scores.items() if k != "checkpoint"})
+
+    # and it is a base run like any fine-tuned one: fine-tuning it further starts from its head
+    further = finetune(plan_finetune(back, str(task), [*FAST, "finetune.steps=1", *WINDOWS[kind]]),
+                       tmp_path / "further", progress=False)
+    assert further.step == 1
+    head = "classifier.weight" if kind == "tokens" else "qa_outputs.weight"
+    moved = load_file(str(load_finetuned(tmp_path / "further").checkpoint.model_path))[head] - restored[head]
+    assert moved.abs().max() < 0.005  # one AdamW step of lr 3e-3 away, not a new head (init std 0.02)
 
 
 @pytest.mark.parametrize("cls_name,kw", [
@@ -203,7 +216,8 @@ def test_export_and_import_refuse_what_has_no_counterpart(tmp_path, capsys):
         assert not (tmp_path / "back").exists()
 
     refused(r"is a tokens task; the BertForQuestionAnswering checkpoint holds a span head", task=str(task))
-    refused(r"--set 'model.n_layer=1': importing a BertForQuestionAnswering takes task.KEY", overrides=["model.n_layer=1"])
+    refused(r"--set 'model.n_layer=1': importing a BertForQuestionAnswering takes task.KEY",
+            overrides=["model.n_layer=1"])
     refused(r"--config names a pretraining recipe", recipe="bert-tiny")
     hf_config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**hf_config, "architectures": ["BertForTokenClassification"],

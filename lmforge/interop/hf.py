@@ -246,9 +246,11 @@ class TaskHead:
     pooled: bool  # reads the pooled [CLS] vector (the pooler is part of it), else every token's hidden state
 
 
-TASK_HEADS = {"BertForSequenceClassification": TaskHead(("classification", "regression"), "head.out", "classifier", True),
-              "BertForTokenClassification": TaskHead(("tokens",), "classifier", "classifier", False),
-              "BertForQuestionAnswering": TaskHead(("span",), "qa_outputs", "qa_outputs", False)}
+TASK_HEADS = {
+    "BertForSequenceClassification": TaskHead(("classification", "regression"), "head.out", "classifier", True),
+    "BertForTokenClassification": TaskHead(("tokens",), "classifier", "classifier", False),
+    "BertForQuestionAnswering": TaskHead(("span",), "qa_outputs", "qa_outputs", False),
+}
 
 
 def task_architecture(kind: str) -> str:

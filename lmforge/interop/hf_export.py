@@ -5,8 +5,8 @@ T5ForConditionalGeneration (lmforge/interop/hf_t5.py), BERT runs -> BertForPreTr
 BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT classifiers ->
 BertForSequenceClassification and taggers (task.kind tokens) -> BertForTokenClassification, each with
 their label names, span extractors (task.kind span) -> BertForQuestionAnswering; each with config.json,
-model.safetensors and the tokenizer files, GPT and T5 models also with generation_config.json. Nothing here needs transformers
-installed.
+model.safetensors and the tokenizer files, GPT and T5 models also with generation_config.json. Nothing
+here needs transformers installed.
 """
 
 from __future__ import annotations
