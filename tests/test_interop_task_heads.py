@@ -105,7 +105,8 @@ def test_finetuned_heads_export_and_import_with_equal_logits_and_predictions(tmp
     labels = load_finetuned(run).config.task.labels  # the head's class order
     if kind == "tokens":
         assert set(labels) == TAGS and hf_config.num_labels == len(TAGS)
-        assert hf_config.id2label == dict(enumerate(labels)) and hf_config.label2id == {t: i for i, t in enumerate(labels)}
+        assert hf_config.id2label == dict(enumerate(labels))
+        assert hf_config.label2id == {t: i for i, t in enumerate(labels)}
 
     # import: a fine-tuned run of the same kind whose logits are transformers' again (config.json does not
     # say the window length the model was fine-tuned with: --set gives it)
