@@ -354,7 +354,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from lmforge.interop.hf_import import describe, import_hf
 
-    print(describe(import_hf(Path(args.hf_dir), Path(args.out), args.config, args.overrides)))
+    print(describe(import_hf(Path(args.hf_dir), Path(args.out), args.config, args.overrides, args.task)))
     return 0
 
 
@@ -480,15 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's checkpoint as a transformers model directory")
     p.add_argument("run", help="run directory")
     p.add_argument("--to", required=True, choices=["hf"], help="hf: Hugging Face transformers (GPT2LMHeadModel / "
-                   "LlamaForCausalLM / BertForPreTraining, tokenizer files)")
+                   "LlamaForCausalLM / BertForPreTraining / T5ForConditionalGeneration; fine-tuned BERT: "
+                   "BertForSequenceClassification / BertForTokenClassification / BertForQuestionAnswering; "
+                   "tokenizer files)")
     p.add_argument("out", help="output directory (new or empty)")
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest complete)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a local transformers checkpoint (GPT-2, Llama, BERT) into a run")
+    p = sub.add_parser("import", help="turn a local transformers checkpoint (GPT-2, Llama, BERT, T5, BERT task "
+                       "models) into a run")
     p.add_argument("hf_dir", help="directory with config.json, weights (safetensors or .bin) and tokenizer files")
     p.add_argument("out", help="run directory to create")
     _add_config_args(p)
+    p.add_argument("--task", help="for a BERT task model (sequence / token classification, question answering): "
+                   "the task directory or recipe it was trained for, which evaluate reads")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("experiment", help="does pretraining pay? fine-tune from a pretrained run and from random "

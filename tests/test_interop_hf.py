@@ -401,8 +401,8 @@ def test_import_refuses_bad_input_with_clear_messages(tmp_path):
         return str(info.value)
 
     original = (directory / "config.json").read_text()
-    _edit_config(directory, architectures=["BertForQuestionAnswering"])
-    message = refused("unsupported architecture BertForQuestionAnswering")
+    _edit_config(directory, architectures=["BertForMultipleChoice"])
+    message = refused("unsupported architecture BertForMultipleChoice")
     assert "GPT2LMHeadModel" in message and "BertModel" in message
     _edit_config(directory, model_type="bart", architectures=["BartForConditionalGeneration"])
     assert "BertForPreTraining" in refused("model_type='bart' \\(BartForConditionalGeneration\\)")

@@ -6,11 +6,14 @@ attention keeps Q, K and V in one fused matrix (one matmul); theirs are three, s
 import concatenates. GPT (llama layout) <-> LlamaForCausalLM: the same split for Q, K, V (of unequal
 sizes under grouped-query attention) and for SwiGLU's fused gate and up projections. Our rotary
 embedding rotates the pairs (i, i + head_dim / 2) as transformers' Llama does, so Q and K need no
-permutation. Pure functions on state dicts and config dicts; files are hf_export / hf_import's.
+permutation. Fine-tuned BERTs <-> BertForSequenceClassification / BertForTokenClassification /
+BertForQuestionAnswering (TASK_HEADS): the encoder under `backbone.` and one linear head.
+Pure functions on state dicts and config dicts; files are hf_export / hf_import's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -233,24 +236,67 @@ def bert_state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return out
 
 
-def bert_classifier_to_hf(config: ModelConfig, state: dict[str, torch.Tensor], labels: list[str],
-                          pad_token_id: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A fine-tuned BERT classifier (lmforge.tasks.models.SequenceClassifier: `backbone.` + `head.out`)
-    -> (BertForSequenceClassification config, state dict). labels: the class names in index order;
-    one label means regression."""
+@dataclass(frozen=True)
+class TaskHead:
+    """A transformers BERT task class and the lmforge fine-tuned model it is (lmforge/tasks)."""
+
+    kinds: tuple[str, ...]  # the task kinds (task.kind) it holds
+    ours: str  # our head's linear layer
+    theirs: str  # transformers' name for it
+    pooled: bool  # reads the pooled [CLS] vector (the pooler is part of it), else every token's hidden state
+
+
+TASK_HEADS = {
+    "BertForSequenceClassification": TaskHead(("classification", "regression"), "head.out", "classifier", True),
+    "BertForTokenClassification": TaskHead(("tokens",), "classifier", "classifier", False),
+    "BertForQuestionAnswering": TaskHead(("span",), "qa_outputs", "qa_outputs", False),
+}
+
+
+def task_architecture(kind: str) -> str:
+    """The transformers class a fine-tuned BERT of task kind `kind` exports as."""
+    for name, head in TASK_HEADS.items():
+        if kind in head.kinds:
+            return name
+    kinds = ", ".join(k for head in TASK_HEADS.values() for k in head.kinds)
+    raise LmforgeError(f"a BERT fine-tuned for task.kind={kind} has no transformers task class (exportable: {kinds})")
+
+
+def bert_task_layout(n_layer: int, architecture: str, with_pooler: bool = False) -> list[Mapped]:
+    """Our fine-tuned BERT (`backbone.` + head) <-> transformers' `architecture` (a TASK_HEADS key).
+
+    The per-token classes have no pooler (ours has one, unused): with_pooler lists it as an optional
+    part, for checkpoints that store one anyway."""
+    head = TASK_HEADS[architecture]
+    body = bert_encoder_layout(n_layer, ours="backbone.")
+    if not (head.pooled or with_pooler):
+        body = [entry for entry in body if entry.part != "pooler"]
+    elif head.pooled:  # the classifier reads the pooled vector: without the pooler it is not the model
+        body = [dataclasses.replace(entry, part="body") for entry in body]
+    return [*body, *_affine(head.ours, head.theirs)]
+
+
+def bert_task_to_hf(config: ModelConfig, state: dict[str, torch.Tensor], kind: str, labels: list[str],
+                    pad_token_id: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A fine-tuned BERT (lmforge.tasks: SequenceClassifier, TokenClassifier, SpanExtractor) -> (config,
+    state dict) of its transformers class. labels: the class names in index order (one label: regression;
+    none for span, whose two outputs are start and end)."""
+    architecture = task_architecture(kind)
     hf = bert_hf_config(config, pad_token_id)
-    hf["architectures"] = ["BertForSequenceClassification"]
-    hf.update(num_labels=len(labels), id2label={str(i): name for i, name in enumerate(labels)},
-              label2id={name: i for i, name in enumerate(labels)},
-              problem_type="regression" if len(labels) == 1 else "single_label_classification")
-    entries = [*bert_encoder_layout(config.n_layer, ours="backbone."), *_affine("head.out", "classifier")]
-    return hf, _ours_to_theirs(state, entries)
+    hf["architectures"] = [architecture]
+    if kind != "span":
+        hf.update(num_labels=len(labels), id2label={str(i): name for i, name in enumerate(labels)},
+                  label2id={name: i for i, name in enumerate(labels)})
+    if kind in ("classification", "regression"):
+        hf["problem_type"] = "regression" if kind == "regression" else "single_label_classification"
+    return hf, _ours_to_theirs(state, bert_task_layout(config.n_layer, architecture))
 
 
 # ---------------------------------------------------------------------------------------------
 # Import: transformers -> ours
 
-SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "bert": ("BertForPreTraining", "BertForMaskedLM", "BertModel"),
+SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
+             "bert": ("BertForPreTraining", "BertForMaskedLM", *TASK_HEADS, "BertModel"),
              "llama": ("LlamaForCausalLM",)}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -392,13 +438,14 @@ class ImportedState:
     missing_parts: list[str]  # optional parts the checkpoint does not have (to be initialised)
 
 
-def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
-                  shapes: Mapping[str, tuple[int, ...]]) -> ImportedState:
+def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig, shapes: Mapping[str, tuple[int, ...]],
+                  entries: Optional[list[Mapped]] = None) -> ImportedState:
     """transformers state dict (the architectures in SUPPORTED) -> ours, checked against `config`.
 
     shapes: our tensors' shapes as config.json implies them (those of the model to be loaded).
     Heads the checkpoint lacks (a BertModel has no MLM / NSP head, a BertForMaskedLM no pooler or NSP
-    head) are reported in missing_parts, not filled."""
+    head) are reported in missing_parts, not filled. entries: the layout (default: the pretraining
+    model's, `layout(config)`)."""
     state = _with_full_names(state, _base_prefix(config))
     for copy, source in tied_copies(config).items():
         if copy not in state:
@@ -412,7 +459,7 @@ def state_from_hf(state: dict[str, torch.Tensor], config: ModelConfig,
 
     out, missing_parts, missing, wrong = {}, [], [], []
     used: set[str] = set()
-    for entry in layout(config):
+    for entry in entries if entries is not None else layout(config):
         absent = [name for name in entry.theirs if name not in state]
         if absent:
             if entry.part == "body":

@@ -3,9 +3,10 @@
 GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout), T5 runs ->
 T5ForConditionalGeneration (lmforge/interop/hf_t5.py), BERT runs -> BertForPreTraining (which
 BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT classifiers ->
-BertForSequenceClassification with their label names; each with config.json, model.safetensors and the
-tokenizer files, GPT and T5 models also with generation_config.json. Nothing here needs transformers
-installed.
+BertForSequenceClassification and taggers (task.kind tokens) -> BertForTokenClassification, each with
+their label names, span extractors (task.kind span) -> BertForQuestionAnswering; each with config.json,
+model.safetensors and the tokenizer files, GPT and T5 models also with generation_config.json. Nothing
+here needs transformers installed.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from tokenizers import Tokenizer
 from lmforge.data.tokenizer import EOS, PAD
 from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import bert_classifier_to_hf, bert_hf_config, gpt_hf_config, llama_hf_config, state_to_hf
+from lmforge.interop.hf import bert_hf_config, bert_task_to_hf, gpt_hf_config, llama_hf_config, state_to_hf
 from lmforge.interop.hf_tokenizer import write_tokenizer_files
 from lmforge.model.config import ModelConfig
 
 AUTO_CLASS = {"GPT2LMHeadModel": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
               "BertForPreTraining": "AutoModelForPreTraining",
               "BertForSequenceClassification": "AutoModelForSequenceClassification",
+              "BertForTokenClassification": "AutoModelForTokenClassification",
+              "BertForQuestionAnswering": "AutoModelForQuestionAnswering",
               "T5ForConditionalGeneration": "AutoModelForSeq2SeqLM"}
 
 
@@ -100,38 +103,46 @@ def export_model(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer:
     return write_hf_dir(out, hf_config, state_to_hf(state, config), tokenizer, config, generation)
 
 
-def export_classifier(config: ModelConfig, state: dict[str, torch.Tensor], labels: list[str], tokenizer: Tokenizer,
-                      out: Path) -> list[str]:
-    """A fine-tuned classifier (lmforge.tasks.models.SequenceClassifier) -> BertForSequenceClassification
-    with the label names; one label is a regression head."""
+# What each fine-tuned run exports as, for the message refusing the rest.
+EXPORTABLE_FINETUNES = ("BERT classification / regression -> BertForSequenceClassification, BERT tokens -> "
+                        "BertForTokenClassification, BERT span -> BertForQuestionAnswering, generation / seq2seq "
+                        "-> the model itself")
+
+
+def export_task_model(config: ModelConfig, state: dict[str, torch.Tensor], kind: str, labels: list[str],
+                      tokenizer: Tokenizer, out: Path) -> tuple[str, list[str]]:
+    """A fine-tuned BERT task model (classifier, regressor, tagger, span extractor) -> its transformers
+    class's directory with the label names. Returns the class name and the files."""
     if config.family != "bert":
-        # GPT2ForSequenceClassification has no bias in its head and finds the last token by a padding
-        # token our GPT tokenizers do not have: it would not compute what our classifier computes.
-        raise LmforgeError("only BERT classifiers export to transformers (GPT2ForSequenceClassification "
-                           "does not match lmforge's GPT classifier)")
-    hf_config, hf_state = bert_classifier_to_hf(config, state, labels, pad_token_id=tokenizer.token_to_id(PAD) or 0)
-    return write_hf_dir(out, hf_config, hf_state, tokenizer, config)
+        # GPT2ForSequenceClassification has no bias in its head and finds the last token by a padding token
+        # our GPT tokenizers do not have: it would not compute what our classifier computes. GPT taggers and
+        # span extractors are not mapped (nor checked against GPT2For{Token,QuestionAnswering} classes).
+        raise LmforgeError(f"no transformers export for a {config.family} run fine-tuned for task.kind={kind}; "
+                           f"exportable: {EXPORTABLE_FINETUNES}")
+    hf_config, hf_state = bert_task_to_hf(config, state, kind, labels, pad_token_id=tokenizer.token_to_id(PAD) or 0)
+    return hf_config["architectures"][0], write_hf_dir(out, hf_config, hf_state, tokenizer, config)
 
 
 def export_run(run_dir: Path, out: Path, checkpoint: Optional[str] = None) -> Exported:
     """A run's newest (or named) checkpoint -> a transformers directory at `out`. A fine-tuned run
-    (lmforge finetune) exports its best checkpoint: a classifier with its label names, or its GPT."""
+    (lmforge finetune) exports its best checkpoint: a BERT task model with its label names, or the
+    model itself (generation, seq2seq)."""
     from lmforge.run import load_run
     from lmforge.tasks.finetune import is_finetune_run, load_finetuned
 
     if is_finetune_run(run_dir):
         tuned = load_finetuned(run_dir, checkpoint)
         config, task = tuned.config.model, tuned.config.task
-        if task.kind == "generation":
+        if task.kind in ("generation", "seq2seq") or config.family == "t5":  # the pretraining model, trained on
             files = export_model(config, tuned.model.state_dict(), tuned.tokenizer, out)
             return Exported(out, architecture(config), tuned.checkpoint.path.name, files)
-        if config.family == "bert" and tuned.model.pooling != "cls":
+        if config.family == "bert" and task.kind in ("classification", "regression") and tuned.model.pooling != "cls":
             # BertForSequenceClassification classifies the pooled [CLS] vector only.
             raise LmforgeError(f"{run_dir} was fine-tuned with finetune.pooling={tuned.config.finetune.pooling}; "
                                f"only [CLS]-pooled BERT classifiers export to transformers")
         labels = [task.name] if task.kind == "regression" else list(task.labels or [])
-        files = export_classifier(config, tuned.model.state_dict(), labels, tuned.tokenizer, out)
-        return Exported(out, "BertForSequenceClassification", tuned.checkpoint.path.name, files)
+        name, files = export_task_model(config, tuned.model.state_dict(), task.kind, labels, tuned.tokenizer, out)
+        return Exported(out, name, tuned.checkpoint.path.name, files)
     run = load_run(run_dir, checkpoint)
     name = architecture(run.config.model)
     files = export_model(run.config.model, run.model.state_dict(), run.tokenizer, out)

@@ -5,7 +5,8 @@ fields from config.json; data and train sections from a recipe, the tokenizer fi
 one), tokenizer.json and checkpoints/step-000000 with the weights, a fresh optimizer state and the
 data loader at its start. So `evaluate`, `generate`, `fill-mask` read it, and `pretrain --resume`
 continues pretraining from it (warm-up from step 0, as a new run would). Heads the checkpoint lacks
-are initialised as in a new model and reported.
+are initialised as in a new model and reported. A BERT task model (sequence / token classification,
+question answering) becomes a fine-tuned run instead: lmforge/interop/hf_import_task.py.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from lmforge.config import DEFAULT_RECIPE, Config, TokenizerConfig, config_from_dict, dump_config, read_yaml, resolve_recipe
 from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf import architecture_of, config_from_hf, position_table, state_from_hf
+from lmforge.interop.hf import TASK_HEADS, architecture_of, config_from_hf, position_table, state_from_hf
+from lmforge.interop.hf_import_task import describe_task_import, import_task_model
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer, read_json
 from lmforge.interop.hf_weights import read_hf_weights
 from lmforge.model.config import ModelConfig
@@ -33,7 +35,7 @@ ADJUSTABLE = {"dropout": "any value", "block_size": "at most the checkpoint's po
 class Imported:
     out: Path
     architecture: str
-    config: Config
+    config: Any  # a Config; a FinetuneRunConfig for a task model
     parameters: int
     initialised: list[str] = field(default_factory=list)  # parts not in the checkpoint
     notes: list[str] = field(default_factory=list)
@@ -59,11 +61,14 @@ def _run_config(model: ModelConfig, tokenizer_path: Path, vocab: int, recipe: Op
     return config
 
 
-def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> Imported:
+def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, overrides: Optional[list[str]] = None,
+              task: Optional[str] = None) -> Imported:
     """Convert the transformers checkpoint in `directory` into an lmforge run directory `out`.
 
     recipe: the YAML recipe whose data / train / mlm sections the run uses (default: the built-in one);
-    overrides: --set values, e.g. data.corpus=... or model.block_size=128."""
+    overrides: --set values, e.g. data.corpus=... or model.block_size=128. A BERT task model
+    (TASK_HEADS) becomes a fine-tuned run instead (lmforge/interop/hf_import_task.py); task: the task
+    directory or recipe it was trained for, which `evaluate` reads."""
     from lmforge.model import build_model
     from lmforge.train.checkpoint import TrainerState, save_checkpoint
     from lmforge.train.optim import build_optimizer
@@ -84,7 +89,16 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
         architecture, source_model = ARCHITECTURE, t5_config_from_hf(hf, str(directory / "config.json"))
     else:
         architecture = architecture_of(hf)
+        if architecture in TASK_HEADS:
+            if recipe is not None:
+                raise LmforgeError(f"--config names a pretraining recipe; a {architecture} becomes a fine-tuned run: "
+                                   f"name its task with --task TASK_DIR_OR_RECIPE")
+            config, parameters, notes = import_task_model(directory, out, hf, architecture, task, overrides or [])
+            return Imported(out, architecture, config, parameters, [], notes)
         source_model = config_from_hf(hf)
+    if task is not None:
+        raise LmforgeError(f"--task is for task models ({', '.join(TASK_HEADS)}); {architecture} is a pretraining "
+                           f"model: import it, then lmforge finetune {out} --task {task}")
     tokenizer, notes = read_hf_tokenizer(directory, source_model.family)
     if tokenizer.get_vocab_size() > source_model.vocab_size:
         raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
@@ -147,6 +161,8 @@ def describe(result: Imported) -> str:
     lines = [f"imported {result.architecture} ({c.n_layer} layers, {c.d_model} wide, {heads}, "
              f"vocab {c.vocab_size:,}, {result.parameters / 1e6:.2f}M parameters) -> {result.out}"]
     lines += [f"  note: {n}" for n in result.notes]
+    if result.architecture in TASK_HEADS:
+        return "\n".join(lines + describe_task_import(result.out, result.config))
     if result.initialised:
         lines.append(f"  not in the checkpoint, initialised at random: {', '.join(result.initialised)}"
                      + (" (fill-mask / MLM loss are meaningless until trained)" if "mlm head" in result.initialised else ""))

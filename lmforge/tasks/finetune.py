@@ -579,6 +579,9 @@ def evaluate_finetuned(run_dir: str | Path, checkpoint: Optional[str] = None, de
     """Dev metrics of a fine-tuned run's checkpoint, recomputed from the task's dev file."""
     dev = resolve_device(device)
     run = load_finetuned(run_dir, checkpoint, dev)
+    if not run.config.task.path:  # an imported task model without --task
+        raise LmforgeError(f"{run_dir} names no task data (task.path is empty); evaluate reads the task's dev split: "
+                           f"import the model again with --task TASK_DIR")
     data = prepare_data(dataclasses.replace(run.config, finetune=dataclasses.replace(run.config.finetune,
                                                                                      label_fraction=1.0)),
                         run.tokenizer)
