@@ -377,7 +377,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / f"{config.name}-{Path(args.run).name}")
     rows = run_experiment(args.run, config, out, args.glue_root)
     print((out / "results.md").read_text(encoding="utf-8"))
-    print(f"{len(rows)} fine-tuned runs, table and plot in {out} (results.md, results.png)")
+    print(f"{len({r['run'] for r in rows})} fine-tuned runs, table and plot in {out} (results.md, results.png)")
     return 0
 
 

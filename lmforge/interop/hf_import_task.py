@@ -104,7 +104,7 @@ def task_run_config(directory: Path, hf: dict[str, Any], architecture: str, weig
     labels = label_names(hf, kind)
     task_overrides, run_overrides = _split_overrides(overrides, architecture)
     task_config = _task_config(task, kind, labels, directory.resolve().name, task_overrides, architecture, data_root)
-    # without a task recipe, a span model reads SQuAD's usual 384-token windows (qa-squad.yaml)
+    # without a task recipe, a span model reads SQuAD's usual 384-token windows (BERT's SQuAD fine-tunes)
     finetune = recipe_finetune(task) if task is not None else ({"max_length": 384} if kind == "span" else {})
     data: dict[str, Any] = {"name": task_config.name, "base_run": str(directory.resolve()),
                             "base_checkpoint": weights_file, "model": {}, "task": {}, "finetune": finetune}

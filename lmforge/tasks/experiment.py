@@ -185,7 +185,7 @@ def results_table(rows: Sequence[dict[str, Any]], config: ExperimentConfig, pret
                      f"{_spread(ours)} | {_spread(theirs)} | {statistics.fmean(ours) - statistics.fmean(theirs):+.3f} | "
                      f"{wins} of {len(pairs)} |")
     total = sum(r["seconds"] for r in rows)
-    lines += ["", f"{len(rows)} fine-tunes, {total / 60:.1f} minutes in all."]
+    lines += ["", f"{len({r['run'] for r in rows})} fine-tunes, {total / 60:.1f} minutes in all."]
     return "\n".join(lines)
 
 
