@@ -211,7 +211,9 @@ def measure(shape: Shape, batch: int, args: argparse.Namespace, device: torch.de
     }
     del train_model, optimizer, model, batches
     if compile_blocks:
-        torch._dynamo.reset()  # the next model's blocks share the class: start them with fresh (static) shapes
+        import torch._dynamo as dynamo
+
+        dynamo.reset()  # the next model's blocks share the class: start them with fresh (static) shapes
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

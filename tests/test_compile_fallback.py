@@ -46,8 +46,24 @@ def _model_and_batch():
 
 def _loss_and_grads(train_model, model, batch):
     loss = train_model(batch)
+    ran_compiled = "CompiledFunctionBackward" in _autograd_nodes(loss)
     loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, ran_compiled
+
+
+def _autograd_nodes(loss) -> set[str]:
+    """The names of the backward graph's nodes: compiled code shows as CompiledFunctionBackward."""
+    seen, todo, names = set(), [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
 
 
 class _Collect(logging.Handler):
@@ -68,8 +84,8 @@ def test_a_failing_compile_warns_once_and_trains_exactly_as_eager(no_cpp_compile
     collect, logger = _Collect(), logging.getLogger("lmforge.train.distributed")
     logger.addHandler(collect)
     try:
-        loss, grads = _loss_and_grads(compiled, model, batch)
-        loss_again, _ = _loss_and_grads(compiled, model, batch)  # later steps: no second warning
+        loss, grads, ran_compiled = _loss_and_grads(compiled, model, batch)
+        loss_again, _, _ = _loss_and_grads(compiled, model, batch)  # later steps: no second warning
     finally:
         logger.removeHandler(collect)
     warnings = [m for m in collect.messages if "train.compile" in m]
@@ -77,7 +93,8 @@ def test_a_failing_compile_warns_once_and_trains_exactly_as_eager(no_cpp_compile
     assert "InvalidCxxCompiler" in warnings[0] and "train.compile: false" in warnings[0]
     assert all(block._compiled_call_impl is None for block in transformer_blocks(model))
     eager = parallelize(reference, lambda m, b: m(**b).loss, ParallelConfig(), None, torch.device("cpu"), "fp32")
-    ref_loss, ref_grads = _loss_and_grads(eager, reference, batch)
+    ref_loss, ref_grads, _ = _loss_and_grads(eager, reference, batch)
+    assert not ran_compiled
     assert torch.equal(loss, ref_loss) and torch.equal(loss_again, ref_loss)
     assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
 
@@ -112,3 +129,29 @@ def test_pretrain_with_a_failing_compile(strict, corpus_file, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.count("train.compile failed on this platform") == 1
         assert (tmp_path / "run" / "checkpoints" / "step-000002").is_dir()
+
+
+def test_a_working_compile_is_kept_and_matches_eager(tmp_path, monkeypatch):
+    """The guard costs nothing where compiling works: no warning, the blocks stay compiled, the same numbers."""
+    import torch._dynamo
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    model, batch = _model_and_batch()
+    reference = copy.deepcopy(model)
+    compiled = parallelize(model, lambda m, b: m(**b).loss, ParallelConfig(), None, torch.device("cpu"), "fp32",
+                           compile_blocks=True, compile_strict=True)
+    collect, logger = _Collect(), logging.getLogger("lmforge.train.distributed")
+    logger.addHandler(collect)
+    try:
+        loss, grads, ran_compiled = _loss_and_grads(compiled, model, batch)
+    finally:
+        logger.removeHandler(collect)
+        torch._dynamo.reset()
+    assert collect.messages == []
+    assert ran_compiled and all(block._compiled_call_impl is not None for block in transformer_blocks(model))
+    eager = parallelize(reference, lambda m, b: m(**b).loss, ParallelConfig(), None, torch.device("cpu"), "fp32")
+    ref_loss, ref_grads, ran_eager_compiled = _loss_and_grads(eager, reference, batch)
+    assert not ran_eager_compiled
+    assert torch.allclose(loss, ref_loss, atol=1e-5)
+    assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(grads, ref_grads))
