@@ -277,6 +277,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         flops = r["tokens_per_s"] * r["flops_per_token"]
         r["mfu_published"] = flops / published if published else None
         r["mfu_measured"] = flops / measured
+        if r["mfu_measured"] > 1:  # e.g. bf16 on a CPU without native bf16, where large matmuls crawl
+            print(f"note: {r['model']} runs above the measured {precision} matmul peak, so that measurement is not "
+                  f"this device's real peak and its MFU means nothing", file=sys.stderr)
     header = (f"{'model':<11}{'shape':<22}{'batch':>6}{'tokens/s':>12}{'step ms':>9}{'MFU publ':>10}"
               f"{'MFU meas':>10}{'peak GiB':>10}  attention")
     print(header)
