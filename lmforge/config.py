@@ -157,6 +157,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls; weights and optimizer stay fp32
     compile: bool = False  # torch.compile each Transformer block
+    # when compiling fails on this platform: true stops the run with the error; false warns and trains eagerly
+    compile_strict: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     sample_tokens: int = 200  # length of the sample generated at the end ("0" disables it)
     sample_prompt: str = "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import LmforgeError
+
+log = logging.getLogger(__name__)
 
 _started = False  # whether this process ever joined a process group (the CLI then prefixes errors with the rank)
 
@@ -236,6 +239,62 @@ def checkpoint_activations(block: nn.Module) -> None:
     block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_with_fallback(blocks: list[nn.Module], strict: bool) -> None:
+    """torch.compile each block; if compiling fails on this platform, warn and run the blocks eagerly
+    (or, when `strict`, raise an LmforgeError).
+
+    Compilation is lazy: a missing C++ compiler or Triton, or a GPU too old for Triton, shows only
+    when a block first runs, as dynamo's BackendCompilerFailed. So each block's first call is guarded,
+    with the backward graph compiled during that call (where this PyTorch can) instead of at the first
+    backward, which no guard here could catch. Later calls go straight to the compiled code.
+    """
+    try:
+        for block in blocks:
+            block.compile()
+    except RuntimeError as exc:  # e.g. a Python version this PyTorch's dynamo does not support
+        _compile_failed(blocks, exc, strict)
+        return
+    for block in blocks:
+        # Module.compile keeps the compiled callable in _compiled_call_impl, which Module.__call__ prefers
+        block._compiled_call_impl = functools.partial(_first_compiled_call, block, block._compiled_call_impl,
+                                                      blocks, strict)
+
+
+def _first_compiled_call(block: nn.Module, compiled: Callable, blocks: list[nn.Module], strict: bool,
+                         *args: Any, **kwargs: Any) -> Any:
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    block._compiled_call_impl = compiled
+    try:
+        with _backward_compiled_with_forward():
+            return compiled(*args, **kwargs)
+    except BackendCompilerFailed as exc:
+        _compile_failed(blocks, exc, strict)
+        return block(*args, **kwargs)
+
+
+def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
+    """AOTAutograd lowers the backward graph at the first backward unless told otherwise (PyTorch >= 2.8)."""
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        return functorch_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
+def _compile_failed(blocks: list[nn.Module], exc: BaseException, strict: bool) -> None:
+    """Every block back to eager, with one warning; an LmforgeError instead when `strict`."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    if strict:
+        raise LmforgeError(f"train.compile failed on this platform ({reason}); set train.compile: false, or "
+                           f"train.compile_strict: false to fall back to eager with a warning") from None
+    log.warning("warning: train.compile failed on this platform (%s); training eagerly instead, as with "
+                "train.compile: false", reason)
+    for block in blocks:
+        block._compiled_call_impl = None
+
+
 class TrainingLoss(nn.Module):
     """A model and the loss a training step takes from it, as one module: what the training loop calls
     and DDP wraps. DDP then sees the loss as the forward pass's output; told that some parameters get
@@ -252,21 +311,22 @@ class TrainingLoss(nn.Module):
 
 def parallelize(model: nn.Module, loss_fn: Callable[[nn.Module, dict], Any], parallel: Any, mesh: Optional[Any],
                 device: torch.device, precision: str, compile_blocks: bool = False,
-                find_unused_parameters: bool = False) -> nn.Module:
+                find_unused_parameters: bool = False, compile_strict: bool = False) -> nn.Module:
     """Apply activation checkpointing, compilation and DDP or FSDP2 to `model` (already on `device`).
 
     Returns the module a training step calls with a batch to get loss_fn(model, batch): a TrainingLoss,
     DDP-wrapped for strategy ddp. FSDP2 shards `model` in place. Build the optimizer on `model`'s
     parameters afterwards, and evaluate, checkpoint and sample with `model`.
     parallel: a ParallelConfig; mesh: from process_group (None in a single process);
-    find_unused_parameters: some parameters get no gradient from the loss (DDP must know).
+    find_unused_parameters: some parameters get no gradient from the loss (DDP must know);
+    compile_strict: a compilation that fails raises instead of falling back to eager (see compile_blocks).
     """
     blocks = transformer_blocks(model)
     for block in blocks:
         if parallel.activation_checkpointing:
             checkpoint_activations(block)
-        if compile_blocks:
-            block.compile()
+    if compile_blocks and blocks:
+        compile_with_fallback(blocks, compile_strict)
     if mesh is not None and parallel.strategy == "fsdp":
         _fully_shard(model, parallel, mesh, precision)
     train_model = TrainingLoss(model, loss_fn)

@@ -92,7 +92,7 @@ class PretrainRecipe(Recipe):
         # Without NSP examples the pooler and NSP head get no gradient, and DDP must be told.
         unused = config.model.family == "bert" and not config.mlm.next_sentence
         self.train_model = parallelize(self.model, lambda m, batch: m(**batch).loss_terms(), config.parallel, mesh,
-                                       device, tc.precision, tc.compile, unused)
+                                       device, tc.precision, tc.compile, unused, tc.compile_strict)
         self.optimizer = build_optimizer(self.model, tc, device)
         self.train_loader = loader_for(config, store, "train", training=True, rank=world.rank, world_size=world.size)
         self.val_loader = loader_for(config, store, "val", training=False, rank=world.rank, world_size=world.size)
