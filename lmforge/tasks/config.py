@@ -340,7 +340,7 @@ class FinetuneConfig:
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
-    num_beams: int = 1  # seq2seq on a t5 run: beam width of dev decoding and predict (1: greedy)
+    num_beams: int = 1  # seq2seq (gpt or t5 run), text-to-text (t5): beam width of dev decoding, predict (1: greedy)
     # classifiers' summary vector: auto = pooled [CLS] (bert) / last real token (gpt); cls; last; or mean
     # = the average final hidden state over the real tokens (either family)
     pooling: Literal["auto", "cls", "last", "mean"] = "auto"
