@@ -162,8 +162,8 @@ def _evaluate_text(args: argparse.Namespace, run, device) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from lmforge.data.tokenizer import warn_unknown
-    from lmforge.infer.generate import generate
+    from lmforge.data.tokenizer import EOS, eos_id, warn_unknown
+    from lmforge.infer.generate import beam_search, generate
     from lmforge.run import load_run
     from lmforge.train.device import resolve_device
 
@@ -174,9 +174,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if family == "bert":
         raise LmforgeError(f"generate needs a decoder (gpt) or encoder-decoder (t5) run; {args.run} is a bert run "
                            f"(try: lmforge fill-mask)")
-    if family != "t5" and (args.beams != 1 or args.length_penalty != 1.0 or args.early_stopping):
-        raise LmforgeError(f"--beams, --length-penalty and --early-stopping apply to t5 runs; {args.run} is a "
-                           f"{family} run")
     tokenizer = run.tokenizer
     encoding = tokenizer.encode(args.prompt, add_special_tokens=False)
     warn_unknown(tokenizer, [args.prompt], [encoding], "the prompt")
@@ -192,11 +189,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(fill_text(run.model, tokenizer, args.prompt, args.max_new_tokens, device, args.temperature,
                             args.top_k, args.top_p, args.beams, args.length_penalty, args.early_stopping, generator))
         return 0
-    ids = encoding.ids
-    if not ids:
-        from lmforge.data.tokenizer import eos_id
-
-        ids = [eos_id(tokenizer)]
+    ids = encoding.ids or [eos_id(tokenizer)]
+    if args.beams > 1:  # deterministic: one output; a hypothesis ends at the end-of-text token (a document's end)
+        out = beam_search(run.model, torch.tensor([ids], device=device), args.max_new_tokens, args.beams,
+                          args.length_penalty, args.early_stopping, stop_token=tokenizer.token_to_id(EOS))
+        print(tokenizer.decode(out[0].tolist()))
+        return 0
     for i in range(args.num_samples):
         out = generate(run.model, torch.tensor([ids], device=device), args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
@@ -442,11 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "probability >= p, in (0, 1] (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="in [0, 2**63)")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--beams", type=int, default=1, help="t5: beam search of this width (1 = greedy / sampling)")
+    p.add_argument("--beams", type=int, default=1, help="beam search of this width (1 = greedy / sampling)")
     p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="t5 beams: finished hypotheses score sum log p / length ** this")
+                   help="beams: finished hypotheses score sum log p / generated length ** this")
     p.add_argument("--early-stopping", action="store_true",
-                   help="t5 beams: stop once --beams hypotheses are finished")
+                   help="beams: stop once --beams hypotheses are finished")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fill-mask", help="top-k predictions for each [MASK] in a text (bert runs)")

@@ -225,6 +225,41 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch, st
     assert one["dev"]["accuracy"] == two["dev"]["accuracy"]
 
 
+def _make_kind_run(tmp_path, kind: str) -> tuple[Path, Path]:
+    """A tiny base run and task of a structured kind: tokens (NER) on bert, seq2seq on t5."""
+    from test_finetune import make_base_run
+    from test_finetune_kinds import make_ner_task, make_seq2seq_task, make_t5_base_run
+
+    if kind == "tokens":
+        return make_base_run(tmp_path), make_ner_task(tmp_path)
+    return make_t5_base_run(tmp_path), make_seq2seq_task(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "seq2seq"])
+def test_structured_finetune_kinds_on_two_processes_match_one_process(tmp_path, monkeypatch, kind):
+    """Token classification on a bert run and seq2seq on a t5 run under DDP: the same per-step losses and dev
+    scores (entity F1 of the tagged words; BLEU and ROUGE of the decoded targets) as one process."""
+    base, task = _make_kind_run(tmp_path, kind)
+    env = _env(tmp_path / "cache")
+    # 16 examples in batches of 6 split over 2 processes x 3 micro-batches of 1: the batch of 4 that ends
+    # each epoch leaves one micro-batch of each process empty.
+    common = ["finetune", str(base), "--task", str(task), "--set", "finetune.dropout=0", "--set", "finetune.lr=3e-3",
+              "--set", "finetune.batch_size=6", "--set", "finetune.warmup=0", "--set", "finetune.log_every=1",
+              "--set", "finetune.steps=6", "--set", "finetune.eval_every=3"]
+    monkeypatch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", "parallel.strategy=ddp",
+              "--set", "finetune.micro_batch_size=1", env=env)
+    _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    assert one["kind"] == two["kind"] == kind
+    assert one["best_checkpoint"] == two["best_checkpoint"]
+    assert abs(one["dev"]["loss"] - two["dev"]["loss"]) / one["dev"]["loss"] < RTOL
+    scores = {k: v for k, v in one["dev"].items() if k != "loss"}
+    assert scores and scores == {k: v for k, v in two["dev"].items() if k != "loss"}
+    assert one["select_metric"] in scores
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, exit code 2, before any work
 

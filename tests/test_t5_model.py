@@ -272,6 +272,54 @@ def test_bad_decoding_settings_raise():
             generate_seq2seq(model, ids, mask, **settings)
 
 
+# --- layer-wise learning rates ----------------------------------------------------------------------
+
+# decoder block j of D sits at ceil((j + 1) * n_layer / D): hand-computed for the shapes tested
+DECODER_DEPTHS = {(2, 3): [1, 2, 2], (2, 2): [1, 2], (3, 2): [2, 3], (4, 1): [4]}
+
+
+@pytest.mark.parametrize("n_layer,n_decoder", list(DECODER_DEPTHS))
+@pytest.mark.parametrize("tied", [False, True])
+def test_layer_of_places_encoder_and_decoder_blocks_side_by_side(n_layer, n_decoder, tied):
+    model = model_for(0, n_layer=n_layer, n_decoder_layer=n_decoder, tie_embeddings=tied,
+                      ffn="relu" if tied else "gated-gelu")
+    top = n_layer + 1
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "embed" or parts[1:2] == ["position_bias"]:
+            want = 0
+        elif parts[0] == "lm_head" or parts[1:2] == ["final_norm"]:
+            want = top
+        elif parts[0] == "encoder":
+            want = int(parts[2]) + 1
+        else:
+            want = DECODER_DEPTHS[n_layer, n_decoder][int(parts[2])]
+        assert model.layer_of(name) == want, name
+    assert ("lm_head.weight" in dict(model.named_parameters())) is not tied
+    with pytest.raises(ValueError, match="not a parameter"):
+        model.layer_of("decoder.nonsense.weight")
+
+
+def test_layerwise_learning_rates_of_a_t5_run_decay_from_the_top_block_down():
+    from lmforge.tasks.config import FinetuneConfig
+    from lmforge.tasks.finetune import param_groups
+    from lmforge.tasks.models import build_task_model
+
+    model = build_task_model(tiny(n_layer=2, n_decoder_layer=3), "seq2seq", 0, 0.0)
+    groups = param_groups(model, FinetuneConfig(lr=1e-3, layer_lr_decay=0.5, weight_decay=0.1))
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    expected = {  # the documented rates: lr * decay ** (n_layer - depth), the top (norms, head) at lr
+        "embed.weight": 0.25, "encoder.position_bias.embedding.weight": 0.25,
+        "decoder.position_bias.embedding.weight": 0.25, "encoder.blocks.0": 0.5, "encoder.blocks.1": 1.0,
+        "decoder.blocks.0": 0.5, "decoder.blocks.1": 1.0, "decoder.blocks.2": 1.0, "encoder.final_norm": 1.0,
+        "decoder.final_norm": 1.0, "lm_head.weight": 1.0}
+    for name, param in model.named_parameters():
+        key = next(k for k in expected if name == k or name.startswith(k + "."))
+        assert lr_of[id(param)] == (pytest.approx(1e-3 * expected[key]), 0.1 if param.dim() >= 2 else 0.0), name
+    assert len(lr_of) == len({id(p) for p in model.parameters()})
+    assert sorted({round(g["lr"] / 1e-3, 6) for g in groups}) == [0.25, 0.5, 1.0]
+
+
 def test_flops_per_token_counts_encoder_and_decoder_matmuls():
     model = model_for(7)
     c = model.config

@@ -8,12 +8,7 @@ starting with the start token (<pad>), as transformers' generate returns them; a
 ended with </s> is padded with <pad>. `fill_spans` puts the spans a model wrote for sentinels back
 into its input (span filling: "The <extra_id_0> sat on the mat.").
 
-Beam search keeps `num_beams` running hypotheses and the `num_beams` best finished ones, in the way
-transformers' beam search does (so that exports decode identically): each step takes the 2 x
-num_beams best continuations; those ending in </s> among the top num_beams join the finished set,
-scored sum(log p) / generated_length ** length_penalty; the rest continue. It stops when every
-finished slot is filled and early_stopping is true, when no running hypothesis can beat the worst
-finished one (early_stopping false: judged at the current length), or at max_new_tokens.
+Beam search follows transformers' rules (lmforge.infer.beam), so that exports decode identically.
 """
 
 from __future__ import annotations
@@ -24,11 +19,11 @@ import torch
 
 from lmforge.data.objectives.span import SpanVocab
 from lmforge.errors import LmforgeError
+from lmforge.infer.beam import search_beams
 from lmforge.infer.generate import filter_logits
 from lmforge.model.t5 import PAD_ID, T5
 
 EOS_ID = 1
-NEG = -1.0e9  # the score of an empty slot / a forbidden candidate (large, finite: sums stay ordered)
 
 
 class Decoder:
@@ -111,67 +106,14 @@ def sample(model: T5, input_ids: torch.Tensor, attention_mask: Optional[torch.Te
     return sequences
 
 
-def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """values (batch, n, ...) picked along dim 1 by index (batch, k)."""
-    index = index.view(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
-    return values.gather(1, index)
-
-
 @torch.no_grad()
 def beam_search(model: T5, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], max_new_tokens: int,
                 num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool = False,
                 eos_id: int = EOS_ID, use_cache: bool = True) -> torch.Tensor:
-    """The best finished hypothesis per input row (see the module docstring for the rules)."""
-    batch, device = input_ids.shape[0], input_ids.device
-    max_length = 1 + max_new_tokens
+    """The best finished hypothesis per input row (the rules: lmforge.infer.beam), starting with <pad>."""
     decoder = Decoder(model, input_ids, attention_mask, use_cache, repeat=num_beams)
-    keep = 2 * num_beams
-    running = torch.full((batch, num_beams, max_length), PAD_ID, dtype=torch.long, device=device)
-    running_scores = torch.zeros(batch, num_beams, device=device)
-    running_scores[:, 1:] = NEG  # all beams start identical: only the first may expand at step one
-    done = running.clone()
-    done_scores = torch.full((batch, num_beams), NEG, device=device)
-    done_lengths = torch.zeros(batch, num_beams, dtype=torch.long, device=device)
-    done_filled = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
-    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    in_top = torch.arange(keep, device=device) < num_beams
-    row_offset = torch.arange(batch, device=device)[:, None] * num_beams
-    length = 1
-    while True:
-        logits = decoder.next_logits(running[:, :, :length].reshape(batch * num_beams, length))
-        log_probs = torch.log_softmax(logits, dim=-1).view(batch, num_beams, -1) + running_scores[..., None]
-        vocab = log_probs.shape[-1]
-        scores, flat = torch.topk(log_probs.view(batch, -1), k=keep)
-        source_beam, token = flat // vocab, flat % vocab
-        candidates = _gather(running, source_beam)
-        candidates[:, :, length] = token
-        ends = (token == eos_id) | (length + 1 >= max_length)
-
-        # the best num_beams candidates that did not end keep running
-        open_scores = scores + ends.float() * NEG
-        chosen = torch.topk(open_scores, k=num_beams).indices
-        running, running_scores = _gather(candidates, chosen), _gather(open_scores, chosen)
-        decoder.reorder_beams((_gather(source_beam, chosen) + row_offset).view(-1))
-
-        # ended candidates among the top num_beams join the finished set if they beat its worst
-        final = scores / (length ** length_penalty)
-        final = final + (done_filled.all(-1, keepdim=True) & early_stopping).float() * NEG
-        final = final + (~improvable).float() * NEG
-        final = final + (~(ends & in_top)).float() * NEG
-        merged = torch.topk(torch.cat([done_scores, final], dim=1), k=num_beams).indices
-        done = _gather(torch.cat([done, candidates], dim=1), merged)
-        done_scores = _gather(torch.cat([done_scores, final], dim=1), merged)
-        done_lengths = _gather(torch.cat([done_lengths, torch.full_like(token, length)], dim=1), merged)
-        done_filled = _gather(torch.cat([done_filled, ends & in_top], dim=1), merged)
-
-        length += 1
-        best_running = running_scores[:, :1] / ((length - 1) ** length_penalty)
-        worst_done = torch.where(done_filled, done_scores.min(dim=1, keepdim=True).values, NEG)
-        improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
-        if (not bool(improvable.any()) or (early_stopping and bool(done_filled.all()))
-                or bool(ends.all())):
-            break
-    return done[:, 0, : 1 + int(done_lengths[:, 0].max())]
+    start = torch.full((input_ids.shape[0], 1), PAD_ID, dtype=torch.long, device=input_ids.device)
+    return search_beams(decoder, start, max_new_tokens, num_beams, length_penalty, early_stopping, eos_id, PAD_ID)
 
 
 def fill_spans(input_ids: list[int], output_ids: list[int], vocab: SpanVocab) -> list[int]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.layers import layer_index
 
 IGNORE_INDEX = -100  # label value that contributes no loss
 PAD_ID = 0  # <pad>: also the decoder's start token, as in T5
@@ -348,6 +349,32 @@ class T5(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return Seq2SeqLMOutput(logits, loss, labels)
+
+    def layer_of(self, param_name: str) -> int:
+        """Depth of a parameter: 0 the shared embedding and both relative-position tables, 1..n_layer the
+        encoder blocks (block i at i + 1) and the decoder blocks (rescaled onto the same 1..n_layer),
+        n_layer + 1 both final norms and an untied LM head.
+
+        The two stacks sit side by side, not one above the other: each starts from the shared token
+        embedding (the decoder's first block reads target-token embeddings, not encoder features) and
+        each ends at the output (the encoder's top feeds every decoder block through cross-attention).
+        So a block's depth is its height in its own stack; decoder block j of D sits at ceil((j + 1) *
+        n_layer / D), which is j + 1 when the stacks are equally deep (T5's usual shape). Stacked
+        numbering would put the encoder's first block decay**(n_layer + D) below the top and all but
+        freeze it. The position tables are position embeddings (GPT-2's wpe is depth 0 too), though
+        every block of their stack reads them."""
+        n_layer, n_decoder = self.config.n_layer, t5_sizes(self.config)[2]
+        first, _, rest = param_name.partition(".")
+        if first == "embed":
+            return 0
+        if first == "lm_head":
+            return n_layer + 1
+        if first == "encoder":
+            return layer_index(rest, ("position_bias",), ("final_norm",), n_layer)
+        if first == "decoder":
+            depth = layer_index(rest, ("position_bias",), ("final_norm",), n_decoder)
+            return n_layer + 1 if depth > n_decoder else math.ceil(depth * n_layer / n_decoder)
+        raise ValueError(f"{param_name!r} is not a parameter of this model")
 
     def num_parameters(self, exclude_embeddings: bool = True) -> int:
         """Parameter count; the relative position tables excluded by default (lookups, no matmul work)."""

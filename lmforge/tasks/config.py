@@ -340,7 +340,7 @@ class FinetuneConfig:
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     generate_tokens: int = 64  # generation tasks: greedy response length for samples.jsonl and predict
-    num_beams: int = 1  # seq2seq on a t5 run: beam width of dev decoding and predict (1: greedy)
+    num_beams: int = 1  # seq2seq (gpt or t5 run), text-to-text (t5): beam width of dev decoding, predict (1: greedy)
     # multi-task (--task a,b on a t5 run): each epoch holds min(n, mixing_cap) examples of a task of n
     # (T5's examples-proportional mixing with an artificial limit, tasks/mixture.py)
     mixing_cap: int = 65536

@@ -305,7 +305,7 @@ def _evaluate_seq2seq(model: nn.Module, data: KindData, device: torch.device, pr
             return {"val_loss": loss_sum / max(count, 1.0), **{f"val_{k}": v for k, v in scores.items()}}
     else:
         hypotheses = decode_gpt(model, data.tokenizer, [e.text for e in data.dev_raw], model.config.block_size,
-                                config.max_target_length, device)
+                                config.max_target_length, device, num_beams)
         references = [str(e.label) for e in data.dev_raw]
     scores = seq2seq_metrics(config.metrics, hypotheses, references)
     return {"val_loss": loss_sum / max(count, 1.0), **{f"val_{k}": v / 100.0 for k, v in scores.items()}}
@@ -320,17 +320,21 @@ def _source_limit(data: KindData) -> int:
 
 
 def decode_gpt(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], block_size: int, max_new: int,
-               device: torch.device) -> list[str]:
-    """Greedy continuations of each prompt up to <eos> (at most max_new tokens), as text."""
-    from lmforge.infer.generate import generate
+               device: torch.device, num_beams: int = 1) -> list[str]:
+    """Continuations of each prompt up to <eos> (at most max_new tokens), as text: greedy, or beam search when
+    num_beams > 1."""
+    from lmforge.infer.generate import beam_search, generate
 
     eos = eos_id(tokenizer)
     out = []
     for encoding in tokenizer.encode_batch(list(prompts), add_special_tokens=False):
         ids = encoding.ids[-(block_size - 1):] or [eos]
         room = max(0, block_size - len(ids))
-        generated = generate(model, torch.tensor([ids], device=device), min(max_new, room), temperature=0.0,
-                             stop_token=eos)
+        prompt = torch.tensor([ids], device=device)
+        if num_beams > 1:
+            generated = beam_search(model, prompt, min(max_new, room), num_beams, stop_token=eos)
+        else:
+            generated = generate(model, prompt, min(max_new, room), temperature=0.0, stop_token=eos)
         out.append(decode_response(tokenizer, generated[0, len(ids):].tolist(), eos))
     return out
 
@@ -429,7 +433,7 @@ def predict_outputs(model: nn.Module, tokenizer: Tokenizer, config: Any, texts: 
     else:
         prompts = [config.task.prompt.replace("{input}", t) for t in texts]
         outputs = decode_gpt(model, tokenizer, prompts, config.model.block_size, config.task.max_target_length,
-                             device)
+                             device, config.finetune.num_beams)
     return [{"input": t, "output": o} for t, o in zip(texts, outputs)]
 
 
