@@ -199,18 +199,13 @@ def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
     weight decay on matrices only. Each group's peak is kept as `peak_lr` for the schedule."""
     n_layer, backbone = model.config.n_layer, backbone_of(model)
     wrapped = backbone is not model  # a head beside the pretrained stack: what is not under backbone.
-    if not hasattr(backbone, "layer_of") and ft.layer_lr_decay != 1.0:
-        raise LmforgeError(f"finetune.layer_lr_decay: a {model.config.family} model does not say which layer a "
-                           f"parameter belongs to; use 1.0 (one learning rate)")
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied parameters appear once
         if not param.requires_grad:
             continue
         if wrapped and not name.startswith("backbone."):
             lr = ft.head_lr if ft.head_lr is not None else ft.lr
-        elif not hasattr(backbone, "layer_of"):
-            lr = ft.lr
-        else:
+        else:  # every family's model says which layer a parameter belongs to (layer_of)
             # what sits on top of the blocks (final norm, pooler) trains at the top block's lr
             depth = min(backbone.layer_of(name.removeprefix("backbone.")), n_layer)
             lr = ft.lr * ft.layer_lr_decay ** (n_layer - depth)
