@@ -166,7 +166,7 @@ def results_table(rows: Sequence[dict[str, Any]], config: ExperimentConfig, pret
     ft = config.finetune
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"Dev metric after fine-tuning from `{pretrained}` vs from random init (same shape, tokenizer and "
-             f"recipe: {ft.steps or f'{ft.epochs:g} epochs'} steps of {ft.batch_size}, lr {ft.lr:g}, "
+             f"recipe: {f'{ft.steps} steps' if ft.steps else f'{ft.epochs:g} epoch(s)'} of {ft.batch_size}, lr {ft.lr:g}, "
              f"max_length {ft.max_length}, pooling {ft.pooling}, best dev checkpoint); "
              f"seeds {', '.join(map(str, seeds))}"
              + (" (mean ± sample standard deviation)." if len(seeds) > 1 else "."), "",
