@@ -49,10 +49,13 @@ def test_task_lists_split_on_comma_or_plus():
     assert split_task_list("path/to/task") == ["path/to/task"]
 
 
+def two_tasks(root):
+    """A tiny t5 base run, a classification task (sent) and a seq2seq task (swap)."""
+    return make_t5_base_run(root), make_task(root, SENTIMENT), make_seq2seq_task(root)
+
+
 def test_two_tasks_in_one_t5_run_each_scored_and_predicted(tmp_path, capsys):
-    base = make_t5_base_run(tmp_path)
-    sentiment = make_task(tmp_path, SENTIMENT)
-    swap = make_seq2seq_task(tmp_path)
+    base, sentiment, swap = two_tasks(tmp_path)
     run = tmp_path / "ft"
     assert main(["finetune", str(base), "--task", f"{sentiment},{swap}", "--out", str(run),
                  *sets([*FAST, "finetune.steps=120", "finetune.eval_every=120", "task.max_target_length=40"])]) == 0
@@ -77,9 +80,7 @@ def test_two_tasks_in_one_t5_run_each_scored_and_predicted(tmp_path, capsys):
 
 
 def test_mixture_cap_changes_the_epoch_and_is_validated(tmp_path, capsys):
-    base = make_t5_base_run(tmp_path)
-    sentiment = make_task(tmp_path, SENTIMENT)
-    swap = make_seq2seq_task(tmp_path)
+    base, sentiment, swap = two_tasks(tmp_path)
     run = tmp_path / "ft"
     assert main(["finetune", str(base), "--task", f"{sentiment}+{swap}", "--out", str(run),
                  *sets([*FAST, "finetune.epochs=1", "finetune.mixing_cap=4"])]) == 0
@@ -115,9 +116,7 @@ def test_several_tasks_need_a_t5_run(tmp_path, capsys):
 
 
 def test_experiment_on_a_mixture_reports_each_task(tmp_path, capsys):
-    base = make_t5_base_run(tmp_path)
-    sentiment = make_task(tmp_path, SENTIMENT)
-    swap = make_seq2seq_task(tmp_path)
+    base, sentiment, swap = two_tasks(tmp_path)
     out = tmp_path / "exp"
     assert main(["experiment", str(base), "--tasks", f"{sentiment}+{swap}", "--fractions", "1.0", "--out", str(out),
                  *sets(["finetune.steps=20", "finetune.eval_every=20", "finetune.batch_size=8",
