@@ -52,13 +52,17 @@ def sets(overrides):
     return sum((["--set", o] for o in overrides), [])
 
 
+def finetune_cli(base, task, run, overrides) -> dict:
+    """`lmforge finetune BASE --task TASK --out RUN` with the FAST settings and `overrides`; its summary."""
+    assert main(["finetune", str(base), "--task", str(task), "--out", str(run), *sets([*FAST, *overrides])]) == 0
+    return json.loads((run / "summary.json").read_text())
+
+
 def test_tagger_overfits_tiny_ner_and_predicts_entities(tmp_path, capsys):
     base = make_base_run(tmp_path)
     task = make_ner_task(tmp_path)
     run = tmp_path / "ft"
-    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
-                 *sets([*FAST, "finetune.steps=60", "finetune.eval_every=20"])]) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = finetune_cli(base, task, run, ["finetune.steps=60", "finetune.eval_every=20"])
     assert summary["kind"] == "tokens" and summary["select_metric"] == "entity_f1"
     assert summary["dev"]["entity_f1"] == 1.0  # dev = train: every entity found (fractions, not x100)
     assert summary["dev"]["f1_PER"] == summary["dev"]["f1_LOC"] == 1.0
@@ -155,9 +159,7 @@ def test_span_extractor_overfits_tiny_qa_and_answers_questions(tmp_path, capsys)
     task = make_qa_task(tmp_path)
     run = tmp_path / "ft"
     # max_length 24 cuts every passage into windows: answers are found across them
-    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
-                 *sets([*FAST, "finetune.steps=300", "finetune.eval_every=50", "finetune.max_length=24"])]) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = finetune_cli(base, task, run, ["finetune.steps=300", "finetune.eval_every=50", "finetune.max_length=24"])
     assert summary["kind"] == "span" and summary["select_metric"] == "span_f1"
     assert summary["counts"]["dev_windows"] > 8  # more windows than questions
     # 300 steps at lr 3e-3 learn the 8 questions; seen once in a full-suite run: 7 of 8 (float noise)
@@ -216,9 +218,7 @@ def test_seq2seq_overfits_tiny_pairs_scored_by_bleu_of_decoded_outputs(tmp_path,
     base = make_t5_base_run(tmp_path) if family == "t5" else make_base_run(tmp_path, "gpt")
     task = make_seq2seq_task(tmp_path)
     run = tmp_path / "ft"
-    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
-                 *sets([*FAST, f"finetune.steps={steps}", f"finetune.eval_every={steps}"])]) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = finetune_cli(base, task, run, [f"finetune.steps={steps}", f"finetune.eval_every={steps}"])
     assert summary["kind"] == "seq2seq" and summary["select_metric"] == "bleu"
     assert summary["dev"]["bleu"] == pytest.approx(1.0) and summary["dev"]["rougeL"] == pytest.approx(1.0)  # exact
     capsys.readouterr()
@@ -230,9 +230,7 @@ def test_t5_text_to_text_classification_learns_label_words(tmp_path, capsys):
     base = make_t5_base_run(tmp_path)
     task = make_task(tmp_path, SENTIMENT)
     run = tmp_path / "ft"
-    assert main(["finetune", str(base), "--task", str(task), "--out", str(run),
-                 *sets([*FAST, "finetune.steps=60", "finetune.eval_every=60", "task.max_target_length=8"])]) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = finetune_cli(base, task, run, ["finetune.steps=60", "finetune.eval_every=60", "task.max_target_length=8"])
     assert summary["dev"]["accuracy"] == 1.0 and summary["dev"]["invalid_outputs"] == 0.0
     capsys.readouterr()
     assert main(["predict", str(run), "a great film"]) == 0

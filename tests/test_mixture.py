@@ -8,7 +8,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.tasks.mixture import MixingPlan, split_task_list
 from test_finetune import SENTIMENT, make_base_run, make_task
-from test_finetune_kinds import FAST, make_seq2seq_task, make_t5_base_run, sets
+from test_finetune_kinds import finetune_cli, make_seq2seq_task, make_t5_base_run, sets
 
 
 def test_each_epoch_holds_capped_shares_of_each_task_without_repeats():
@@ -57,9 +57,8 @@ def two_tasks(root):
 def test_two_tasks_in_one_t5_run_each_scored_and_predicted(tmp_path, capsys):
     base, sentiment, swap = two_tasks(tmp_path)
     run = tmp_path / "ft"
-    assert main(["finetune", str(base), "--task", f"{sentiment},{swap}", "--out", str(run),
-                 *sets([*FAST, "finetune.steps=120", "finetune.eval_every=120", "task.max_target_length=40"])]) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = finetune_cli(base, f"{sentiment},{swap}", run,
+                           ["finetune.steps=120", "finetune.eval_every=120", "task.max_target_length=40"])
     assert summary["task"] == "sent+swap" and summary["select_metric"] == "average"
     dev = summary["dev"]
     assert dev["sent_accuracy"] == 1.0 and dev["swap_bleu"] == pytest.approx(1.0)
@@ -82,9 +81,7 @@ def test_two_tasks_in_one_t5_run_each_scored_and_predicted(tmp_path, capsys):
 def test_mixture_cap_changes_the_epoch_and_is_validated(tmp_path, capsys):
     base, sentiment, swap = two_tasks(tmp_path)
     run = tmp_path / "ft"
-    assert main(["finetune", str(base), "--task", f"{sentiment}+{swap}", "--out", str(run),
-                 *sets([*FAST, "finetune.epochs=1", "finetune.mixing_cap=4"])]) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = finetune_cli(base, f"{sentiment}+{swap}", run, ["finetune.epochs=1", "finetune.mixing_cap=4"])
     assert summary["total_steps"] == 1  # 4 + 4 examples per epoch, batches of 8
     assert summary["tasks"]["sent"]["rate"] == pytest.approx(0.5)
     assert main(["finetune", str(base), "--task", f"{sentiment},{swap}", "--out", str(tmp_path / "bad"),
