@@ -16,6 +16,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -66,13 +67,16 @@ class MixingPlan:
         total = self.epoch_size
         return [k / total for k in self.per_epoch]
 
+    @functools.lru_cache(maxsize=2)  # every step of an epoch reads the same order: drawn once, not per step
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        """The epoch's examples as indices into the concatenated train splits, shuffled together."""
+        """The epoch's examples as indices into the concatenated train splits, shuffled together (read-only)."""
         offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         parts = [offset + _stream_window(size, take, seed, task, epoch)
                  for task, (offset, size, take) in enumerate(zip(offsets, self.sizes, self.per_epoch))]
         order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        return order[np.random.default_rng([seed, epoch, 1]).permutation(len(order))]
+        order = order[np.random.default_rng([seed, epoch, 1]).permutation(len(order))]
+        order.flags.writeable = False  # shared by the cache
+        return order
 
     def batch_indices(self, batch_size: int, seed: int, step: int) -> np.ndarray:
         """The examples of optimizer step `step` (the last batch of an epoch may be smaller)."""
