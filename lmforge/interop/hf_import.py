@@ -23,8 +23,8 @@ from lmforge.fileio import building_directory
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import TASK_HEADS, architecture_of, config_from_hf, position_table, state_from_hf
 from lmforge.interop.hf_import_task import describe_task_import, import_task_model
-from lmforge.interop.hf_tokenizer import read_hf_tokenizer, read_json
-from lmforge.interop.hf_weights import read_hf_weights
+from lmforge.interop.hf_tokenizer import read_json
+from lmforge.interop.hf_weights import checked_tokenizer, dtype_note, read_hf_weights
 from lmforge.model.config import ModelConfig
 
 # model keys an import may change: the rest is the checkpoint's (config.json)
@@ -99,17 +99,12 @@ def import_hf(directory: Path, out: Path, recipe: Optional[str] = None, override
     if task is not None:
         raise LmforgeError(f"--task is for task models ({', '.join(TASK_HEADS)}); {architecture} is a pretraining "
                            f"model: import it, then lmforge finetune {out} --task {task}")
-    tokenizer, notes = read_hf_tokenizer(directory, source_model.family)
-    if tokenizer.get_vocab_size() > source_model.vocab_size:
-        raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-                           f"{source_model.vocab_size} embeddings (config.json vocab_size)")
+    tokenizer, notes = checked_tokenizer(directory, source_model.family, source_model.vocab_size)
     config = _run_config(source_model, out.resolve() / "tokenizer.json", tokenizer.get_vocab_size(), recipe,
                          overrides or [], directory.resolve().name, _sentinels(tokenizer) if t5 else 0)
 
     hf_state, weights_file = read_hf_weights(directory)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values() if t.is_floating_point()})
-    if dtypes != ["float32"]:
-        notes.append(f"weights converted from {', '.join(dtypes)} to float32")
+    notes += dtype_note(hf_state)
     seed_everything(config.train.seed)  # what a new run does first: the initialised heads are reproducible
     model = build_model(config.model)
     if t5:

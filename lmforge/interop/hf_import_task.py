@@ -16,8 +16,7 @@ from typing import Any, Optional, Sequence
 from lmforge.config import apply_overrides, from_dict
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import TASK_HEADS, bert_task_layout, config_from_hf, state_from_hf
-from lmforge.interop.hf_tokenizer import read_hf_tokenizer
-from lmforge.interop.hf_weights import read_hf_weights
+from lmforge.interop.hf_weights import checked_tokenizer, dtype_note, read_hf_weights
 from lmforge.tasks.config import DEFAULT_STRIDE, FinetuneRunConfig, TaskConfig, recipe_finetune, resolve_task_config
 
 
@@ -135,13 +134,8 @@ def import_task_model(directory: Path, out: Path, hf: dict[str, Any], architectu
 
     hf_state, weights_file = read_hf_weights(directory)
     config = task_run_config(directory, hf, architecture, weights_file, task, overrides, data_root)
-    tokenizer, notes = read_hf_tokenizer(directory, "bert")
-    if tokenizer.get_vocab_size() > config.model.vocab_size:
-        raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
-                           f"{config.model.vocab_size} embeddings (config.json vocab_size)")
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in hf_state.values() if t.is_floating_point()})
-    if dtypes != ["float32"]:
-        notes.append(f"weights converted from {', '.join(dtypes)} to float32")
+    tokenizer, notes = checked_tokenizer(directory, "bert", config.model.vocab_size)
+    notes += dtype_note(hf_state)
     kind = config.task.kind
     outputs = {"span": 2, "regression": 1}.get(kind, len(config.task.labels or []))
     seed_everything(config.finetune.seed)  # the per-token classes have no pooler: ours (unused) is seeded

@@ -60,3 +60,20 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     present = ", ".join(sorted(p.name for p in directory.iterdir() if p.is_file())) or "no files"
     raise LmforgeError(f"no PyTorch weights in {directory} (found: {present}); supported: "
                        f"{', '.join(WEIGHT_FILES)}")
+
+
+def checked_tokenizer(directory: Path, family: str, vocab_size: int):
+    """The directory's tokenizer (and notes for the user), refused when it has more tokens than the model embeddings."""
+    from lmforge.interop.hf_tokenizer import read_hf_tokenizer
+
+    tokenizer, notes = read_hf_tokenizer(directory, family)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise LmforgeError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                           f"{vocab_size} embeddings (config.json vocab_size)")
+    return tokenizer, notes
+
+
+def dtype_note(state: dict[str, torch.Tensor]) -> list[str]:
+    """A note for the user when the weights are not all float32 (lmforge converts them)."""
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    return [] if dtypes == ["float32"] else [f"weights converted from {', '.join(dtypes)} to float32"]
