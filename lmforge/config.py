@@ -139,6 +139,10 @@ class TrainConfig:
     loader_workers: int = 0
     # blocks: each epoch a shuffled partition of the stream (no window twice); random: uniform offsets
     windows: Literal["blocks", "random"] = "blocks"
+    # adamw: AdamW (beta1, beta2, eps). adafactor: torch's Adafactor (T5's optimizer): each matrix's step is
+    # lr times its own RMS (relative steps, which T5's N(0, 1/fan_in) initialisation assumes), factored
+    # second moments, no momentum; beta1/beta2/eps do not apply.
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4  # cosine decay floor
     warmup_steps: int = 100

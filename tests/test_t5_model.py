@@ -343,3 +343,36 @@ def test_fill_spans_puts_written_spans_back_into_the_input():
         assert fill_spans(inputs.tolist(), [0] + labels.tolist() + [1, 1], vocab) == row.tolist()
     # a span the model did not write is left empty; text after </s> is not read
     assert fill_spans([5, 63, 7, 62, 1], [0, 63, 9, 9, 1, 62, 4], vocab) == [5, 9, 9, 7]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 20)])
+def test_alibi_start_of_the_position_tables_is_the_slope_times_each_buckets_mean_distance(
+        bidirectional, num_buckets, max_distance):
+    n_head = 4
+    model = model_for(relative_attention_num_buckets=num_buckets, relative_attention_max_distance=max_distance,
+                      n_head=n_head)
+    stack = model.encoder if bidirectional else model.decoder
+    table = stack.position_bias.embedding.weight.detach().double()
+    slopes = [2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)]
+    covered: dict[int, list[int]] = {}
+    for relative in range(-max_distance, max_distance + 1):
+        if bidirectional or relative <= 0:
+            covered.setdefault(reference_bucket(relative, bidirectional, num_buckets, max_distance), []).append(
+                abs(relative))
+    for bucket in range(num_buckets):
+        distances = covered.get(bucket, [0])
+        for head in range(n_head):
+            assert table[bucket, head].item() == pytest.approx(-slopes[head] * sum(distances) / len(distances),
+                                                               rel=1e-6, abs=1e-7)
+    # nearer keys are never penalised more than farther ones, in every head
+    bias = stack.position_bias(1, 2 * max_distance + 1, query_offset=max_distance)[0, :, 0]
+    nearer_first = bias[:, :max_distance + 1].flip(-1)  # keys before the query, nearest first
+    assert bool((nearer_first[:, :-1] >= nearer_first[:, 1:] - 1e-6).all())
+
+
+def test_normal_start_of_the_position_tables_is_mesh_tf_s():
+    model = model_for(relative_attention_init="normal", d_model=512, relative_attention_num_buckets=64,
+                      relative_attention_max_distance=128)
+    table = model.encoder.position_bias.embedding.weight.detach()
+    assert table.std().item() == pytest.approx(512 ** -0.5, rel=0.15)

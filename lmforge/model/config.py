@@ -50,6 +50,10 @@ class ModelConfig:
     ffn: Literal["gated-gelu", "relu"] = "gated-gelu"  # gated-gelu: T5 v1.1; relu: T5 1.0
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    # Start of the relative position tables. alibi: each head's bias falls linearly with distance at its
+    # own slope (ALiBi's geometric slopes), a locality prior that lets a short run use word order from
+    # step 0; normal: Mesh TF's N(0, 1/d_model), which AdamW takes thousands of steps to shape.
+    relative_attention_init: Literal["alibi", "normal"] = "alibi"
 
     def __post_init__(self) -> None:
         # resolved here, so a saved config states what the model has

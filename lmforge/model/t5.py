@@ -69,6 +69,20 @@ class RelativePositionBias(nn.Module):
                                            self.num_buckets, self.max_distance)
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
 
+    def alibi_table(self) -> torch.Tensor:
+        """(buckets, heads): -slope_h * the mean distance a bucket covers, with ALiBi's slopes
+        2**(-8 (h + 1) / heads); the buckets a stack never looks up stay 0."""
+        n_head = self.embedding.weight.shape[1]
+        slopes = 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float64) / n_head)
+        offsets = torch.arange(-self.max_distance, self.max_distance + 1)
+        buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets, self.max_distance)
+        if not self.bidirectional:
+            buckets, offsets = buckets[offsets <= 0], offsets[offsets <= 0]
+        total = torch.zeros(self.num_buckets, dtype=torch.float64).index_add_(0, buckets, offsets.abs().double())
+        count = torch.zeros(self.num_buckets, dtype=torch.float64).index_add_(0, buckets, torch.ones_like(total[buckets]))
+        distance = total / count.clamp(min=1)
+        return (-distance[:, None] * slopes[None, :]).float()
+
 
 class Attention(nn.Module):
     """Multi-head attention without biases or 1/sqrt(d) scaling; the additive mask carries position and padding."""
@@ -307,7 +321,11 @@ class T5(nn.Module):
                 nn.init.normal_(getattr(module, name).weight, std=c.d_model ** -0.5)
             nn.init.normal_(module.wo.weight, std=module.wo.in_features ** -0.5)
         elif isinstance(module, RelativePositionBias):
-            nn.init.normal_(module.embedding.weight, std=c.d_model ** -0.5)
+            if c.relative_attention_init == "alibi":
+                with torch.no_grad():
+                    module.embedding.weight.copy_(module.alibi_table())
+            else:
+                nn.init.normal_(module.embedding.weight, std=c.d_model ** -0.5)
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
         elif module is self.embed:

@@ -1,4 +1,4 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedule as a pure function of step."""
+"""AdamW (or Adafactor) with weight decay on matrices only, and the learning-rate schedule as a pure function of step."""
 
 from __future__ import annotations
 
@@ -19,14 +19,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.weight_decay)
+    if config.optimizer == "adafactor":
+        # Adafactor's decay is lr * weight_decay * param, not relative to the parameter's scale as its steps are
+        return torch.optim.Adafactor(groups, lr=config.lr, foreach=True)
     kwargs = {}
     # The fused kernel exists for CUDA (and CPU in recent PyTorch); foreach is the portable fast path.
     if "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu"):
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
+    return torch.optim.AdamW(groups, lr=config.lr,
                              betas=(config.beta1, config.beta2), eps=config.eps, **kwargs)
 
 
