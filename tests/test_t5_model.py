@@ -320,6 +320,19 @@ def test_layerwise_learning_rates_of_a_t5_run_decay_from_the_top_block_down():
     assert sorted({round(g["lr"] / 1e-3, 6) for g in groups}) == [0.25, 0.5, 1.0]
 
 
+def test_an_adafactor_fine_tune_keeps_the_layerwise_groups():
+    from lmforge.tasks.config import FinetuneConfig
+    from lmforge.tasks.finetune import _optimizer, param_groups
+    from lmforge.tasks.models import build_task_model
+
+    model = build_task_model(tiny(n_layer=2, n_decoder_layer=3), "seq2seq", 0, 0.0)
+    ft = FinetuneConfig(optimizer="adafactor", lr=1e-3, layer_lr_decay=0.5, weight_decay=0.1)
+    optimizer = _optimizer(model, ft, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.Adafactor)
+    expected = [(g["lr"], g["weight_decay"], len(g["params"])) for g in param_groups(model, ft)]
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups] == expected
+
+
 def test_flops_per_token_counts_encoder_and_decoder_matmuls():
     model = model_for(7)
     c = model.config

@@ -333,3 +333,36 @@ def test_generate_flags_for_beams_are_checked(in_cache, capsys):
     root, _ = in_cache
     assert main(["generate", str(root / "run"), "--prompt", PROMPT, "--beams", "0"]) == 2
     assert "--beams must be >= 1" in capsys.readouterr().err
+
+
+def test_adafactor_steps_are_relative_to_each_parameters_scale():
+    from lmforge.config import TrainConfig
+    from lmforge.train.optim import build_optimizer
+
+    steps = {}
+    for optimizer in ("adafactor", "adamw"):
+        small, large = torch.nn.Parameter(torch.full((4, 4), 0.01)), torch.nn.Parameter(torch.full((4, 4), 1.0))
+        model = torch.nn.ParameterList([small, large])
+        opt = build_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-2, weight_decay=0.0), torch.device("cpu"))
+        small.grad, large.grad = torch.ones(4, 4), torch.ones(4, 4)
+        opt.step()
+        steps[optimizer] = ((0.01 - small).abs().max().item(), (1.0 - large).abs().max().item())
+    assert steps["adafactor"][1] == pytest.approx(100 * steps["adafactor"][0], rel=1e-3)  # step ~ lr * RMS(param)
+    assert steps["adamw"][1] == pytest.approx(steps["adamw"][0], rel=1e-3)  # AdamW: the same step at any scale
+
+
+def test_an_adafactor_t5_run_resumes_bit_identically(in_cache, tmp_path):
+    root, _ = in_cache
+    config = tmp_path / "adafactor.yaml"
+    config.write_text(yaml.safe_dump(t5_config_dict(root / "corpus.txt", optimizer="adafactor", weight_decay=0.0)))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert main(["pretrain", "--config", str(config), "--out", str(full)]) == 0
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000012")
+    (resumed / "checkpoints" / "latest").write_text("step-000006\n")
+    assert main(["pretrain", "--resume", str(resumed)]) == 0
+    assert _losses(resumed) == _losses(full)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(r / "checkpoints/step-000012/model.safetensors")) for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -318,6 +318,8 @@ class FinetuneConfig:
 
     # pretrained: start from the base run's weights; random: its shape and tokenizer, fresh weights (the control)
     init: Literal["pretrained", "random"] = "pretrained"
+    # adamw; adafactor: torch's Adafactor, steps relative to each matrix's RMS (T5's fine-tuning optimizer)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
     lr: float = 1e-4  # peak learning rate of the Transformer's top layer
     head_lr: Optional[float] = None  # the new head's peak learning rate (None: lr)
     layer_lr_decay: float = 1.0  # layer l of L trains at lr * decay**(L - l), the embeddings at decay**L (1: off)

@@ -195,7 +195,7 @@ def _initial_weights(config: FinetuneRunConfig, model: nn.Module, task: TaskData
 
 
 def param_groups(model: nn.Module, ft: FinetuneConfig) -> list[dict]:
-    """AdamW groups: per layer a peak lr of lr * layer_lr_decay**(L - layer), the head at head_lr;
+    """Optimizer groups: per layer a peak lr of lr * layer_lr_decay**(L - layer), the head at head_lr;
     weight decay on matrices only. Each group's peak is kept as `peak_lr` for the schedule."""
     n_layer, backbone = model.config.n_layer, backbone_of(model)
     wrapped = backbone is not model  # a head beside the pretrained stack: what is not under backbone.
@@ -222,7 +222,9 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return max(0.0, (total - step) / max(1, total - warm))
 
 
-def _optimizer(model: nn.Module, ft: FinetuneConfig, device: torch.device) -> torch.optim.AdamW:
+def _optimizer(model: nn.Module, ft: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
+    if ft.optimizer == "adafactor":
+        return torch.optim.Adafactor(param_groups(model, ft), lr=ft.lr, foreach=True)
     kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, ft), lr=ft.lr, betas=(0.9, 0.999), eps=1e-8, **kwargs)
 
