@@ -78,3 +78,51 @@ def test_pre_norm_bert_refuses_export():
 
     with pytest.raises(LmforgeError, match="pre-LayerNorm"):
         bert_hf_config(ModelConfig(**{**CONFIG.__dict__, "norm": "pre"}))
+
+
+ALIBI = ModelConfig(**{**CONFIG.__dict__, "position": "alibi", "norm": "pre"})
+
+
+def test_alibi_attention_equals_float64_softmax_with_the_slope_times_distance_subtracted():
+    from lmforge.model.layers import SelfAttention, alibi_bias
+
+    torch.manual_seed(0)
+    attention = SelfAttention(ALIBI, causal=False).double().eval()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    keys = torch.ones(2, 7, dtype=torch.bool)
+    keys[1, 5:] = False
+    with torch.no_grad():
+        ours, _ = attention(x, key_mask=keys[:, None, None, :], attn_bias=alibi_bias(4, 7, x.device).double())
+        q, k, v = attention.qkv(x).split(32, dim=2)
+        q, k, v = (t.view(2, 7, 4, 8).transpose(1, 2) for t in (q, k, v))
+        slopes = [2.0 ** (-8.0 * (h + 1) / 4) for h in range(4)]
+        distance = torch.tensor([[abs(i - j) for j in range(7)] for i in range(7)], dtype=torch.float64)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5 - torch.tensor(slopes, dtype=torch.float64)[:, None, None] * distance
+        scores = scores.masked_fill(~keys[:, None, None, :], float("-inf"))
+        expected = attention.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+    assert (ours - expected).abs().max() < 1e-10
+
+
+def test_alibi_bert_has_no_position_embeddings_sees_word_order_and_ignores_padding():
+    torch.manual_seed(0)
+    model = build_model(ALIBI).eval()
+    assert model.bert.wpe is None and not any("wpe" in name for name in model.state_dict())
+    ids, types, attention = _inputs()
+    with torch.no_grad():
+        full = model(ids[1:2, :18], types[1:2, :18]).mlm_logits
+        padded = model(ids[1:2], types[1:2], attention[1:2]).mlm_logits[:, :18]
+        swapped = ids[1:2, :18].clone()
+        swapped[0, [3, 9]] = swapped[0, [9, 3]]
+        moved = model(swapped, types[1:2, :18]).mlm_logits
+    assert torch.allclose(full, padded, atol=1e-5)
+    # position 0 keeps its token but its neighbours' distances changed: order is seen without wpe
+    assert not torch.allclose(full[0, 0], moved[0, 0], atol=1e-4)
+
+
+def test_alibi_is_for_bert_and_does_not_export():
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match="model.position=alibi"):
+        bert_hf_config(ModelConfig(**{**CONFIG.__dict__, "position": "alibi"}))
+    with pytest.raises(LmforgeError, match="model.position=alibi is offered for bert only"):
+        ModelConfig(family="gpt", position="alibi").validate()

@@ -145,6 +145,9 @@ def _check_exportable(config: ModelConfig) -> None:
     if config.family == "bert" and config.pre_norm:
         raise LmforgeError("a pre-LayerNorm BERT (model.norm=pre) has no transformers BERT equivalent; "
                            "only post-LN (the original layout) exports")
+    if config.family == "bert" and config.position == "alibi":
+        raise LmforgeError("a BERT with ALiBi attention (model.position=alibi) has no transformers BERT "
+                           "equivalent (it has no position embeddings); only model.position=learned exports")
     if config.family not in ("gpt", "bert"):
         raise LmforgeError(f"no transformers layout for model.family={config.family} (exportable: gpt, bert)")
     if config.qk_norm:

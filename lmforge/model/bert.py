@@ -17,7 +17,7 @@ from torch import nn
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.heads import ClassificationHead, MLMHead, Pooler
-from lmforge.model.layers import IGNORE_INDEX, Block, init_weights, layer_index
+from lmforge.model.layers import IGNORE_INDEX, Block, alibi_bias, init_weights, layer_index
 
 MLM_ROWS_BUCKET = 64
 
@@ -29,7 +29,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.block_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
         self.wtt = nn.Embedding(config.type_vocab_size, config.d_model)
         self.ln_emb = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.drop = nn.Dropout(config.dropout)
@@ -46,13 +46,18 @@ class BertEncoder(nn.Module):
             raise ValueError(f"sequence of {length} tokens exceeds block_size {self.config.block_size}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        pos = torch.arange(length, device=input_ids.device)
-        x = self.drop(self.ln_emb(self.wte(input_ids) + self.wpe(pos) + self.wtt(token_type_ids)))
+        x = self.wte(input_ids) + self.wtt(token_type_ids)
+        attn_bias = None
+        if self.wpe is None:
+            attn_bias = alibi_bias(self.config.n_head, length, input_ids.device)
+        else:
+            x = x + self.wpe(torch.arange(length, device=input_ids.device))
+        x = self.drop(self.ln_emb(x))
         key_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_mask = attention_mask.bool()[:, None, None, :]  # (batch, 1 head-broadcast, 1 query, keys)
         for block in self.blocks:
-            x, _ = block(x, key_mask=key_mask)
+            x, _ = block(x, key_mask=key_mask, attn_bias=attn_bias)
         x = self.ln_f(x)
         return x, self.pooler(x)
 
@@ -157,7 +162,7 @@ class BertForPreTraining(nn.Module):
         """Parameter count; position and segment embeddings excluded by default (no matmul work)."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            total -= self.bert.wpe.weight.numel() + self.bert.wtt.weight.numel()
+            total -= self.bert.wtt.weight.numel() + (self.bert.wpe.weight.numel() if self.bert.wpe is not None else 0)
         return total
 
     def flops_per_token(self, seq_len: int, mask_rate: float = 0.15) -> float:

@@ -35,6 +35,10 @@ class ModelConfig:
     # gelu: exact erf GELU (BERT); gelu_tanh: tanh approximation (GPT-2). auto = the family's own.
     activation: Literal["auto", "gelu", "gelu_tanh"] = "auto"
     type_vocab_size: int = 2  # bert: segment (token type) embeddings for sentence A / B
+    # bert: where word order comes from. learned: BERT's position embeddings (exports to transformers);
+    # alibi: no position embeddings, each head's scores fall by its slope times |query - key| (MosaicBERT):
+    # attention is local from step 0, so a short run learns from context sooner (lmforge-only, no export)
+    position: Literal["learned", "alibi"] = "learned"
     # output layer shares the token embedding matrix; None = the family's (gpt, bert: yes; t5: no, as v1.1).
     # A tied t5 scales its output by d_model**-0.5 (T5 1.0).
     tie_embeddings: Optional[bool] = None
@@ -105,6 +109,9 @@ class ModelConfig:
             )
         if self.family == "gpt" and self.norm == "post":
             raise LmforgeError(f"{prefix}.norm=post is offered for bert only; GPT blocks are pre-LayerNorm")
+        if self.position == "alibi" and self.family != "bert":
+            raise LmforgeError(f"{prefix}.position=alibi is offered for bert only (gpt: {prefix}.layout=llama "
+                               f"for rotary positions; t5: {prefix}.relative_attention_init)")
         if self.type_vocab_size <= 0:
             raise LmforgeError(f"{prefix}.type_vocab_size must be positive, got {self.type_vocab_size}")
         if not 0.0 <= self.dropout < 1.0:

@@ -74,9 +74,10 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, past: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
-                rotary: Optional[Rotary] = None) -> tuple[torch.Tensor, KVCache]:
+                rotary: Optional[Rotary] = None, attn_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, KVCache]:
         """key_mask: optional (batch, 1, 1, keys) bool, True where a key may be attended (padding is False);
-        rotary: cos and sin for the new positions (rotary position embeddings), or None."""
+        rotary: cos and sin for the new positions (rotary position embeddings), or None;
+        attn_bias: optional additive (1, heads, queries, keys) scores of a bidirectional stack (ALiBi)."""
         batch, length, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=2)
@@ -102,6 +103,9 @@ class SelfAttention(nn.Module):
             if is_causal:  # SDPA takes either is_causal or a mask: fold causality into the mask
                 mask = mask & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
                 is_causal = False
+        if attn_bias is not None:
+            bias = attn_bias.to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(q.dtype).min)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
@@ -154,14 +158,26 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.layout == "llama" else MLP(config)
 
     def forward(self, x: torch.Tensor, past: Optional[KVCache] = None, key_mask: Optional[torch.Tensor] = None,
-                rotary: Optional[Rotary] = None) -> tuple[torch.Tensor, KVCache]:
+                rotary: Optional[Rotary] = None, attn_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, KVCache]:
         if self.pre_norm:
-            attn_out, present = self.attn(self.ln_1(x), past, key_mask, rotary)
+            attn_out, present = self.attn(self.ln_1(x), past, key_mask, rotary, attn_bias)
             x = x + attn_out
             return x + self.mlp(self.ln_2(x)), present
-        attn_out, present = self.attn(x, past, key_mask, rotary)
+        attn_out, present = self.attn(x, past, key_mask, rotary, attn_bias)
         x = self.ln_1(x + attn_out)
         return self.ln_2(x + self.mlp(x)), present
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes 2**(-8 (h + 1) / n_head), float64: head 0 the most local."""
+    return 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float64) / n_head)
+
+
+def alibi_bias(n_head: int, length: int, device: torch.device) -> torch.Tensor:
+    """(1, heads, length, length): -slope_h * |query - key|, the symmetric (bidirectional) ALiBi of MosaicBERT."""
+    positions = torch.arange(length, device=device)
+    distance = (positions[None, :] - positions[:, None]).abs()
+    return (-alibi_slopes(n_head).to(device)[:, None, None] * distance).float().unsqueeze(0)
 
 
 def layer_index(name: str, embeddings: tuple[str, ...], top: tuple[str, ...], n_layer: int) -> int:

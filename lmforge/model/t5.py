@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig
-from lmforge.model.layers import layer_index
+from lmforge.model.layers import alibi_slopes, layer_index
 
 IGNORE_INDEX = -100  # label value that contributes no loss
 PAD_ID = 0  # <pad>: also the decoder's start token, as in T5
@@ -72,8 +72,7 @@ class RelativePositionBias(nn.Module):
     def alibi_table(self) -> torch.Tensor:
         """(buckets, heads): -slope_h * the mean distance a bucket covers, with ALiBi's slopes
         2**(-8 (h + 1) / heads); the buckets a stack never looks up stay 0."""
-        n_head = self.embedding.weight.shape[1]
-        slopes = 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float64) / n_head)
+        slopes = alibi_slopes(self.embedding.weight.shape[1])
         offsets = torch.arange(-self.max_distance, self.max_distance + 1)
         buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets, self.max_distance)
         if not self.bidirectional:
