@@ -176,7 +176,7 @@ def decay_groups(model, weight_decay: float) -> list[dict]:
             {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0}]
 
 
-def run(config: Config, settings: PeerSettings, out: Path, log=print) -> dict:
+def run(config: Config, settings: PeerSettings, out: Path) -> dict:
     """Train for `settings.minutes` of training time, evaluating as it goes; returns the last curve row."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -192,7 +192,7 @@ def run(config: Config, settings: PeerSettings, out: Path, log=print) -> dict:
     collator = collator_for(tokenizer, settings.mlm_probability, settings.seed)
     model = build_bert(config, tokenizer.get_vocab_size(), settings.dropout)
     optimizer = torch.optim.AdamW(decay_groups(model, settings.weight_decay), lr=0.0)  # betas, eps: torch's = Trainer's
-    log(f"peer: {len(train_docs):,} training / {len(val_docs):,} held-out documents; {len(train_ids):,} training "
+    print(f"peer: {len(train_docs):,} training / {len(val_docs):,} held-out documents; {len(train_ids):,} training "
         f"blocks of {length}; {len(val_ids):,} held-out blocks scored; vocab {tokenizer.get_vocab_size():,}; "
         f"BertForMaskedLM {config.model.n_layer}x{config.model.d_model} ({config.model.n_head} heads, ffn "
         f"{config.model.mlp_ratio * config.model.d_model}); batch {settings.batch_size}, lr {settings.lr:g}, "
@@ -212,7 +212,7 @@ def run(config: Config, settings: PeerSettings, out: Path, log=print) -> dict:
                        "wall_s": round(time.perf_counter() - started, 3), "tokens": tokens, "lr": lr}
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
-                log(f"peer: {elapsed / 60:5.2f} min, step {step:,}: val masked acc {acc:.2%}, loss {loss:.4f}",
+                print(f"peer: {elapsed / 60:5.2f} min, step {step:,}: val masked acc {acc:.2%}, loss {loss:.4f}",
                     file=sys.stderr)
                 next_eval += settings.eval_every_s
                 if elapsed >= budget:

@@ -9,8 +9,10 @@ the run logged one, else the training time summed from the throughput windows: e
 (its `tokens` - the previous row's) / its `tokens_per_s` seconds, windows that exclude evaluation and
 checkpoint writing; an evaluation at a step without a log row gets the time interpolated by step. The
 peer's curve: `val_masked_acc` against `elapsed_s` (training time, evaluation excluded). A table value
-at t minutes is interpolated linearly between the evaluations around t; "-" where t lies outside a
-curve (before its first or after its last evaluation).
+at t minutes is interpolated linearly between the evaluations around t; a curve that ends less than
+END_SLACK of t short of it gives its last value, starred (a run whose budget clock also counted
+evaluation stops a little short of the mark in training time); "-" where t lies before a curve's first
+evaluation or further past its last.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.train.metrics import read_metrics  # noqa: E402
 
 Curve = tuple[np.ndarray, np.ndarray]  # (minutes, accuracy), minutes increasing
+END_SLACK = 0.02
 
 
 def training_seconds(rows: list[dict]) -> np.ndarray:
@@ -68,12 +71,13 @@ def peer_curve(path: Path) -> Curve:
     return np.array([r["elapsed_s"] / 60.0 for r in rows]), np.array([r["val_masked_acc"] for r in rows])
 
 
-def accuracy_at(curve: Curve, minutes: float) -> float | None:
-    """The curve's accuracy at `minutes`, linear between its evaluations; None outside them."""
+def accuracy_at(curve: Curve, minutes: float) -> tuple[float | None, bool]:
+    """(the curve's accuracy at `minutes`, linear between its evaluations, or None outside them;
+    whether it is the last evaluation standing in for a mark just past the curve's end)."""
     x, y = curve
-    if minutes < x[0] or minutes > x[-1]:
-        return None
-    return float(np.interp(minutes, x, y))
+    if minutes < x[0] or minutes > x[-1] + END_SLACK * minutes:
+        return None, False
+    return float(np.interp(minutes, x, y)), bool(minutes > x[-1])
 
 
 def table(curves: dict[str, Curve], at: list[float]) -> str:
@@ -81,18 +85,22 @@ def table(curves: dict[str, Curve], at: list[float]) -> str:
     (name_a, a), (name_b, b) = curves.items()
     ratio_name = f"{name_a.split()[0]} / {name_b.split()[0]}"
     lines = [f"| minutes | {name_a} | {name_b} | {ratio_name} |", "|---:|---:|---:|---:|"]
+    starred = False
     for t in at:
-        va, vb = accuracy_at(a, t), accuracy_at(b, t)
+        (va, late_a), (vb, late_b) = accuracy_at(a, t), accuracy_at(b, t)
+        starred |= late_a or late_b
         ratio = f"{va / vb:.2f}x" if va is not None and vb else "-"
-        lines.append(f"| {t:g} | {_percent(va)} | {_percent(vb)} | {ratio} |")
+        lines.append(f"| {t:g} | {_percent(va, late_a)} | {_percent(vb, late_b)} | {ratio} |")
     lines.append("")
+    if starred:
+        lines.append(f"\\* the curve's last evaluation, less than {END_SLACK:.0%} of the mark before it\n")
     for name, (x, y) in curves.items():
         lines.append(f"- {name}: last evaluation at {x[-1]:.2f} min, {y[-1]:.1%}; best {y.max():.1%}")
     return "\n".join(lines) + "\n"
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
+def _percent(value: float | None, late: bool) -> str:
+    return "-" if value is None else f"{value:.1%}" + ("\\*" if late else "")
 
 
 def plot(curves: dict[str, Curve], png: Path, title: str) -> Path:

@@ -133,3 +133,17 @@ def test_peer_refuses_a_decoder_recipe_in_one_line(tmp_path, capsys):
                                          "--out", str(tmp_path / "x.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.family" in err[0]
+
+
+def test_table_values_interpolate_inside_a_curve_and_star_a_mark_just_past_its_end():
+    plot = _bench("plot_encoder_curves")
+    curve = (np.array([1.0, 2.0]), np.array([0.1, 0.3]))
+    assert plot.accuracy_at(curve, 1.5) == (0.1 + 0.5 * (0.3 - 0.1), False)
+    assert plot.accuracy_at(curve, 2.03) == (0.3, True)  # 1.5% of the mark past the last evaluation
+    assert plot.accuracy_at(curve, 2.1) == (None, False)
+    assert plot.accuracy_at(curve, 0.5) == (None, False)
+    text = plot.table({"lmforge x": curve, "peer y": (np.array([0.0, 3.0]), np.array([0.0, 0.3]))}, [1.5, 2.03, 2.5])
+    rows = text.splitlines()
+    assert rows[2] == "| 1.5 | 20.0% | 15.0% | 1.33x |"
+    assert rows[3] == "| 2.03 | 30.0%\\* | 20.3% | 1.48x |"
+    assert rows[4] == "| 2.5 | - | 25.0% | - |"
