@@ -235,10 +235,11 @@ def _make_kind_run(tmp_path, kind: str) -> tuple[Path, Path]:
     return make_t5_base_run(tmp_path), make_seq2seq_task(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["tokens", "seq2seq"])
-def test_structured_finetune_kinds_on_two_processes_match_one_process(tmp_path, monkeypatch, kind):
-    """Token classification on a bert run and seq2seq on a t5 run under DDP: the same per-step losses and dev
-    scores (entity F1 of the tagged words; BLEU and ROUGE of the decoded targets) as one process."""
+@pytest.mark.parametrize("kind, strategy", [("tokens", "ddp"), ("seq2seq", "ddp"), ("seq2seq", "fsdp")])
+def test_structured_finetune_kinds_on_two_processes_match_one_process(tmp_path, monkeypatch, kind, strategy):
+    """Token classification on a bert run and seq2seq on a t5 run under DDP (and FSDP2, whose dev decoding
+    needs the whole model): the same per-step losses and dev scores (entity F1 of the tagged words; BLEU and
+    ROUGE of the decoded targets) as one process."""
     base, task = _make_kind_run(tmp_path, kind)
     env = _env(tmp_path / "cache")
     # 16 examples in batches of 6 split over 2 processes x 3 micro-batches of 1: the batch of 4 that ends
@@ -248,7 +249,7 @@ def test_structured_finetune_kinds_on_two_processes_match_one_process(tmp_path, 
               "--set", "finetune.steps=6", "--set", "finetune.eval_every=3"]
     monkeypatch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", "parallel.strategy=ddp",
+    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", f"parallel.strategy={strategy}",
               "--set", "finetune.micro_batch_size=1", env=env)
     _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
     one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
