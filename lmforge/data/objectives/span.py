@@ -1,7 +1,9 @@
 """T5's denoising objectives: span corruption, prefix LM, and a per-example (UL2-style) mixture of them.
 
-Pure, batch-vectorised functions of token rows and a numpy Generator: the caller derives the Generator
-from (seed, epoch, position), so a resumed run redraws exactly the same masks.
+Pure, batch-vectorised functions of token rows and a numpy Generator, or one Generator per row
+(`denoise_rows`, the training loader's path: each row draws its own numbers, the rest is done for the
+batch at once): the caller derives the Generators from (seed, epoch, position), so a resumed run
+redraws exactly the same masks.
 
 Span corruption follows the T5 paper and its `random_spans_noise_mask`: of a row of L tokens,
 round(L * noise_density) are noise, split into round(noise / mean_span_length) spans. Both the noise
@@ -148,11 +150,6 @@ def segmentation(keys: np.ndarray, num_items: int, num_segments: int) -> np.ndar
     cuts.sort(axis=1)
     bounds = np.concatenate([np.zeros((rows, 1), np.int64), cuts, np.full((rows, 1), num_items)], axis=1)
     return np.diff(bounds, axis=1)
-
-
-def random_segmentation(rng: np.random.Generator, rows: int, num_items: int, num_segments: int) -> np.ndarray:
-    """(rows, num_segments) lengths >= 1 summing to num_items, each composition equally likely."""
-    return segmentation(rng.random((rows, _keys_for(num_items, num_segments))), num_items, num_segments)
 
 
 def span_keys(length: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> tuple[int, int]:
