@@ -52,6 +52,7 @@ def loader_config(name: str, corpus: str, batch_size: int, workers: int):
         raise SystemExit(f"this lmforge has no {name} loader: {e}")
     if objective:
         config.span.objective = objective
+    config.model.block_size = 128  # the recipes' length today; fixed here so that the measurement stays one of 128
     config.data.corpus = [corpus]
     config.data.workers = 2
     config.train.batch_size = batch_size
