@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.utils.data
 
-from lmforge.data.loader import CLMLoader, batch_layout
+from lmforge.data.loader import CLMLoader, SpanLoader, batch_layout, example_generators
+from lmforge.data.objectives.span import Denoiser, SpanVocab, denoise, denoise_mixture
 from lmforge.data.store import SplitReader
 from lmforge.errors import LmforgeError
 
@@ -164,8 +165,8 @@ def test_ranks_with_workers_stay_disjoint_and_make_the_global_batch():
         r.close()
 
 
-class _DyingLoader(CLMLoader):
-    """A CLM loader whose worker process dies (no Python exception, as when it is killed) on one micro-batch."""
+class _DiesOnSixthBatch:
+    """A loader whose worker process dies (no Python exception, as when it is killed) on one micro-batch."""
 
     def micro_batch(self, start: int, micro: int = 0):
         if start == 5 * self.batch_size and torch.utils.data.get_worker_info() is not None:
@@ -173,15 +174,43 @@ class _DyingLoader(CLMLoader):
         return super().micro_batch(start, micro)
 
 
-class _FailingLoader(CLMLoader):
+class _FailsOnSixthBatch:
     def micro_batch(self, start: int, micro: int = 0):
         if start == 5 * self.batch_size:
             raise ValueError(f"shard unreadable at sample {start}")
         return super().micro_batch(start, micro)
 
 
-def test_a_worker_that_dies_stops_the_run_with_its_error_not_a_hang():
-    loader = _DyingLoader(_split(16 * 200), 16, 4, seed=0, workers=2)
+class _DyingLoader(_DiesOnSixthBatch, CLMLoader):
+    pass
+
+
+class _FailingLoader(_FailsOnSixthBatch, CLMLoader):
+    pass
+
+
+class _DyingSpanLoader(_DiesOnSixthBatch, SpanLoader):
+    pass
+
+
+class _FailingSpanLoader(_FailsOnSixthBatch, SpanLoader):
+    pass
+
+
+SPAN_VOCAB = SpanVocab(eos=1, pad=0, sentinel_start=1_000_000, num_sentinels=100)
+
+
+def _broken(family: str, dies: bool, workers: int):
+    """A gpt (causal LM) or t5 (span corruption) loader of 4-sample batches whose sixth batch goes wrong."""
+    if family == "gpt":
+        return (_DyingLoader if dies else _FailingLoader)(_split(16 * 200), 16, 4, seed=0, workers=workers)
+    cls = _DyingSpanLoader if dies else _FailingSpanLoader
+    return cls(_split(16 * 200), SPAN_VOCAB, [Denoiser()], 16, 4, seed=0, workers=workers)
+
+
+@pytest.mark.parametrize("family", ["gpt", "t5"])
+def test_a_worker_that_dies_stops_the_run_with_its_error_not_a_hang(family):
+    loader = _broken(family, dies=True, workers=2)
     began = time.monotonic()
     with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid.*\) exited unexpectedly"):
         for _ in range(20):
@@ -189,7 +218,7 @@ def test_a_worker_that_dies_stops_the_run_with_its_error_not_a_hang():
     assert time.monotonic() - began < 30
     assert loader.position <= 5 * 4  # only batches before the dead one were delivered
     loader.close()
-    failing = _FailingLoader(_split(16 * 200), 16, 4, seed=0, workers=1)
+    failing = _broken(family, dies=False, workers=1)
     with pytest.raises(ValueError, match="shard unreadable at sample 20"):
         for _ in range(20):
             failing.next()
@@ -260,3 +289,34 @@ def test_negative_loader_workers_is_refused(tmp_path, corpus_file, capsys):
     config.write_text(yaml.safe_dump(tiny_config_dict(corpus_file, loader_workers=-1)))
     assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
     assert "train.loader_workers must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed,epoch,position", [(0, 0, 0), (7, 3, 123_456), (2**32 - 1, 2**32 - 1, 2**32 - 1),
+                                                 (2**32, 1, 5), (3, 0, 2**33 + 9)])
+def test_example_generators_draw_as_default_rng_of_seed_epoch_position_stream(seed, epoch, position):
+    (made,) = example_generators(seed, np.asarray([epoch]), np.asarray([position]), 2)
+    assert np.array_equal(made.random(50), np.random.default_rng([seed, epoch, position, 2]).random(50))
+    assert example_generators(seed, np.zeros(0, np.int64), np.zeros(0, np.int64), 2) == []
+
+
+@pytest.mark.parametrize("denoisers", [[Denoiser()], [Denoiser("prefix_lm")],
+                                       [Denoiser("span", 2.0), Denoiser("span", 1.0, 0.5, 8.0), Denoiser("prefix_lm")]])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_span_batches_are_each_block_corrupted_alone_with_the_generator_of_its_seed_epoch_position(denoisers, fixed):
+    """The batched loader makes, bit for bit, what corrupting each sample alone with
+    default_rng([seed, epoch, position, 2]) makes (as the loader did sample by sample before batching)."""
+    split = _split(60 * 36)
+    loader = SpanLoader(split, SPAN_VOCAB, denoisers, 32, 8, seed=5, fixed=fixed)
+    samples = np.arange(loader.examples_per_epoch - 4, loader.examples_per_epoch + 4)  # across an epoch's end
+    got = loader.examples(samples)
+    epochs, positions = np.divmod(samples, loader.examples_per_epoch)
+    expected = []
+    for sample, epoch, position in zip(samples, epochs, positions):
+        start = loader._starts(np.asarray([sample]))  # which block: as CLMLoader picks it (tested above)
+        row = split.take(start[:, None] + np.arange(loader.block_size))
+        rng = np.random.default_rng([5, 0 if fixed else int(epoch), int(position), 2])
+        expected.append(denoise(row, rng, SPAN_VOCAB, denoisers[0]) if len(denoisers) == 1 else
+                        denoise_mixture(row, rng, SPAN_VOCAB, denoisers))
+    for key in ("input_ids", "attention_mask", "labels"):
+        want = np.concatenate([getattr(e, key) for e in expected]).astype(np.int64)
+        assert np.array_equal(got[key].numpy(), want)

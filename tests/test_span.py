@@ -200,3 +200,27 @@ def test_bad_settings_raise_one_line_errors(call, message):
     with pytest.raises(LmforgeError, match=message) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("length,denoisers", [
+    (141, [Denoiser()]),
+    (568, [Denoiser()]),
+    (40, [Denoiser("span", 1.0, 0.5, 1.0)]),
+    (33, [Denoiser("prefix_lm")]),
+    (128, [Denoiser("span", 2.0), Denoiser("span", 1.0, 0.5, 32.0), Denoiser("prefix_lm", 1.0)]),
+    (97, [Denoiser("prefix_lm", 1.0), Denoiser("span", 3.0, 0.3, 2.0)]),
+])
+def test_denoise_rows_makes_each_row_as_if_it_were_denoised_alone_with_its_generator(length, denoisers):
+    """The batched per-example path draws exactly what the one-row calls draw: same examples, bit for bit."""
+    from lmforge.data.objectives.span import denoise, denoise_rows
+
+    tokens = np.random.default_rng(length).integers(*WORDS, size=(300, length))
+    generators = lambda: [np.random.default_rng([9, 1, i, 2]) for i in range(len(tokens))]  # noqa: E731
+    batched = denoise_rows(tokens, generators(), VOCAB, denoisers)
+    alone = [denoise(row[None], rng, VOCAB, denoisers[0]) if len(denoisers) == 1 else
+             denoise_mixture(row[None], rng, VOCAB, denoisers) for row, rng in zip(tokens, generators())]
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert np.array_equal(getattr(batched, key), np.concatenate([getattr(one, key) for one in alone]))
+    if len(denoisers) > 1:  # both span (sentinel-led, unpadded) and prefix-LM (padded) examples occur
+        assert len({(bool(mask.all()), bool(is_sentinel(labels[0]))) for mask, labels in
+                    zip(batched.attention_mask, batched.labels)}) >= 2

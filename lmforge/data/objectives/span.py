@@ -1,7 +1,9 @@
 """T5's denoising objectives: span corruption, prefix LM, and a per-example (UL2-style) mixture of them.
 
-Pure, batch-vectorised functions of token rows and a numpy Generator: the caller derives the Generator
-from (seed, epoch, position), so a resumed run redraws exactly the same masks.
+Pure, batch-vectorised functions of token rows and a numpy Generator, or one Generator per row
+(`denoise_rows`, the training loader's path: each row draws its own numbers, the rest is done for the
+batch at once): the caller derives the Generators from (seed, epoch, position), so a resumed run
+redraws exactly the same masks.
 
 Span corruption follows the T5 paper and its `random_spans_noise_mask`: of a row of L tokens,
 round(L * noise_density) are noise, split into round(noise / mean_span_length) spans. Both the noise
@@ -130,29 +132,52 @@ def span_lengths(block_size: int, noise_density: float = 0.15, mean_span_length:
     return SpanLengths(tokens, inputs, targets)
 
 
-def random_segmentation(rng: np.random.Generator, rows: int, num_items: int, num_segments: int) -> np.ndarray:
-    """(rows, num_segments) lengths >= 1 summing to num_items, each composition equally likely."""
+def _keys_for(num_items: int, num_segments: int) -> int:
+    """Uniform keys one row draws to cut num_items into num_segments (none when there is nothing to cut)."""
+    return num_items - 1 if num_segments > 1 else 0
+
+
+def segmentation(keys: np.ndarray, num_items: int, num_segments: int) -> np.ndarray:
+    """(rows, num_segments) lengths >= 1 summing to num_items, from (rows, _keys_for(...)) uniform keys.
+
+    The cut points are the gaps of the num_segments - 1 smallest keys: a uniformly random set of cuts
+    among the num_items - 1 gaps, so each composition is equally likely.
+    """
+    rows = len(keys)
     if num_segments == 1:
         return np.full((rows, 1), num_items, dtype=np.int64)
-    # a uniformly random set of num_segments - 1 cut points among the num_items - 1 gaps
-    keys = rng.random((rows, num_items - 1))
     cuts = np.argpartition(keys, num_segments - 2, axis=1)[:, : num_segments - 1] + 1
     cuts.sort(axis=1)
     bounds = np.concatenate([np.zeros((rows, 1), np.int64), cuts, np.full((rows, 1), num_items)], axis=1)
     return np.diff(bounds, axis=1)
 
 
-def random_spans_noise_mask(rng: np.random.Generator, rows: int, length: int, noise_density: float = 0.15,
-                            mean_span_length: float = 3.0) -> np.ndarray:
-    """(rows, length) bool, True on noise: alternating non-noise / noise segments, the first non-noise."""
+def span_keys(length: int, noise_density: float = 0.15, mean_span_length: float = 3.0) -> tuple[int, int]:
+    """(noise keys, non-noise keys): the uniforms a row of `length` draws, in this order, for its noise mask."""
     num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
-    noise = random_segmentation(rng, rows, num_noise, num_spans)
-    kept = random_segmentation(rng, rows, length - num_noise, num_spans)
+    return _keys_for(num_noise, num_spans), _keys_for(length - num_noise, num_spans)
+
+
+def noise_mask_from_keys(keys: np.ndarray, length: int, noise_density: float = 0.15,
+                         mean_span_length: float = 3.0) -> np.ndarray:
+    """(rows, length) bool, True on noise, from each row's uniform keys (span_keys: the noise cuts' first)."""
+    num_noise, num_spans = span_counts(length, noise_density, mean_span_length)
+    rows, split = len(keys), _keys_for(num_noise, num_spans)
+    noise = segmentation(keys[:, :split], num_noise, num_spans)
+    kept = segmentation(keys[:, split:], length - num_noise, num_spans)
     segments = np.stack([kept, noise], axis=2).reshape(rows, 2 * num_spans)
     starts = np.cumsum(segments, axis=1)[:, :-1]
     start_marks = np.zeros((rows, length), dtype=np.int8)
     np.put_along_axis(start_marks, starts, 1, axis=1)
     return (np.cumsum(start_marks, axis=1) % 2).astype(bool)
+
+
+def random_spans_noise_mask(rng: np.random.Generator, rows: int, length: int, noise_density: float = 0.15,
+                            mean_span_length: float = 3.0) -> np.ndarray:
+    """(rows, length) bool, True on noise: alternating non-noise / noise segments, the first non-noise."""
+    noise_keys, kept_keys = span_keys(length, noise_density, mean_span_length)
+    keys = np.concatenate([rng.random((rows, noise_keys)), rng.random((rows, kept_keys))], axis=1)
+    return noise_mask_from_keys(keys, length, noise_density, mean_span_length)
 
 
 def _spans_to_sentinels(tokens: np.ndarray, mask: np.ndarray, sentinel_start: int) -> np.ndarray:
@@ -170,22 +195,53 @@ def _with_eos(rows: np.ndarray, eos: int) -> np.ndarray:
     return np.concatenate([rows, np.full((len(rows), 1), eos, dtype=rows.dtype)], axis=1)
 
 
-def span_corruption(tokens: np.ndarray, rng: np.random.Generator, vocab: SpanVocab, noise_density: float = 0.15,
-                    mean_span_length: float = 3.0) -> Seq2SeqExamples:
-    """T5 span corruption of (batch, length) token rows; outputs have span_lengths-consistent fixed widths."""
+def _token_rows(tokens: np.ndarray) -> np.ndarray:
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
-    rows, length = tokens.shape
-    _, num_spans = span_counts(length, noise_density, mean_span_length)
+    return tokens
+
+
+def _check_fits(length: int, denoiser: "Denoiser", vocab: SpanVocab) -> None:
+    """LmforgeError if rows of `length` tokens cannot take this denoiser with this vocabulary."""
+    if denoiser.kind == "prefix_lm":
+        if length < 2:
+            raise LmforgeError(f"prefix_lm needs rows of at least 2 tokens, got {length}")
+        return
+    _, num_spans = span_counts(length, denoiser.noise_density, denoiser.mean_span_length)
     if num_spans > vocab.num_sentinels:
         raise LmforgeError(f"rows of {length} tokens get {num_spans} noise spans but the tokenizer has only "
                            f"{vocab.num_sentinels} sentinels (raise the sentinel count, lower "
                            f"span.noise_density or model.block_size, or raise span.mean_span_length)")
-    mask = random_spans_noise_mask(rng, rows, length, noise_density, mean_span_length)
+
+
+def corrupt_spans(tokens: np.ndarray, mask: np.ndarray, vocab: SpanVocab) -> Seq2SeqExamples:
+    """Span corruption of (batch, length) token rows at the noise positions `mask` (as many spans in every row)."""
     inputs = _with_eos(_spans_to_sentinels(tokens, mask, vocab.sentinel_start), vocab.eos)
     targets = _with_eos(_spans_to_sentinels(tokens, ~mask, vocab.sentinel_start), vocab.eos)
     return Seq2SeqExamples(inputs, np.ones(inputs.shape, dtype=bool), targets)
+
+
+def span_corruption(tokens: np.ndarray, rng: np.random.Generator, vocab: SpanVocab, noise_density: float = 0.15,
+                    mean_span_length: float = 3.0) -> Seq2SeqExamples:
+    """T5 span corruption of (batch, length) token rows; outputs have span_lengths-consistent fixed widths."""
+    tokens = _token_rows(tokens)
+    rows, length = tokens.shape
+    _check_fits(length, Denoiser("span", 1.0, noise_density, mean_span_length), vocab)
+    mask = random_spans_noise_mask(rng, rows, length, noise_density, mean_span_length)
+    return corrupt_spans(tokens, mask, vocab)
+
+
+def split_prefix(tokens: np.ndarray, split: np.ndarray, vocab: SpanVocab) -> Seq2SeqExamples:
+    """Prefix LM with row i's prefix being its first split[i] tokens (1 <= split < length); see prefix_lm."""
+    rows, length = tokens.shape
+    split = split.reshape(rows, 1)
+    col = np.arange(length)[None, :]
+    inputs = np.where(col < split, tokens, np.where(col == split, vocab.eos, vocab.pad))
+    rest = length - split
+    shifted = np.take_along_axis(tokens, np.minimum(col + split, length - 1), axis=1)
+    labels = np.where(col < rest, shifted, np.where(col == rest, vocab.eos, IGNORE_INDEX))
+    return Seq2SeqExamples(inputs, col <= split, labels)
 
 
 def prefix_lm(tokens: np.ndarray, rng: np.random.Generator, vocab: SpanVocab) -> Seq2SeqExamples:
@@ -193,17 +249,10 @@ def prefix_lm(tokens: np.ndarray, rng: np.random.Generator, vocab: SpanVocab) ->
 
     Both sides are `length` wide: inputs padded with <pad>, labels with IGNORE_INDEX.
     """
-    tokens = np.asarray(tokens, dtype=np.int64)
+    tokens = _token_rows(tokens)
     rows, length = tokens.shape
-    if length < 2:
-        raise LmforgeError(f"prefix_lm needs rows of at least 2 tokens, got {length}")
-    split = rng.integers(1, length, size=(rows, 1))
-    col = np.arange(length)[None, :]
-    inputs = np.where(col < split, tokens, np.where(col == split, vocab.eos, vocab.pad))
-    rest = length - split
-    shifted = np.take_along_axis(tokens, np.minimum(col + split, length - 1), axis=1)
-    labels = np.where(col < rest, shifted, np.where(col == rest, vocab.eos, IGNORE_INDEX))
-    return Seq2SeqExamples(inputs, col <= split, labels)
+    _check_fits(length, Denoiser("prefix_lm"), vocab)
+    return split_prefix(tokens, rng.integers(1, length, size=(rows, 1)), vocab)
 
 
 @dataclass(frozen=True)
@@ -251,25 +300,76 @@ def denoise(tokens: np.ndarray, rng: np.random.Generator, vocab: SpanVocab, deno
     return span_corruption(tokens, rng, vocab, denoiser.noise_density, denoiser.mean_span_length)
 
 
-def denoise_mixture(tokens: np.ndarray, rng: np.random.Generator, vocab: SpanVocab,
-                    denoisers: Sequence[Denoiser]) -> Seq2SeqExamples:
-    """Each row gets one denoiser drawn by weight; outputs are padded to the mixture's fixed widths."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    _check_denoisers(denoisers)
-    rows, length = tokens.shape
+def _probabilities(denoisers: Sequence[Denoiser]) -> np.ndarray:
+    weights = np.array([d.weight for d in denoisers], dtype=np.float64)
+    return weights / weights.sum()
+
+
+def _mixture_examples(rows: int, length: int, vocab: SpanVocab, denoisers: Sequence[Denoiser], choice: np.ndarray,
+                      build) -> Seq2SeqExamples:
+    """Rows where choice == k made by build(k, their row numbers), in order of k, padded to the mixture's widths."""
     widths = [d.lengths(length) for d in denoisers]
     input_width, target_width = max(w[0] for w in widths), max(w[1] for w in widths)
-    weights = np.array([d.weight for d in denoisers], dtype=np.float64)
-    choice = rng.choice(len(denoisers), size=rows, p=weights / weights.sum())
     out = Seq2SeqExamples(np.full((rows, input_width), vocab.pad, dtype=np.int64),
                           np.zeros((rows, input_width), dtype=bool),
                           np.full((rows, target_width), IGNORE_INDEX, dtype=np.int64))
-    for k, denoiser in enumerate(denoisers):
+    for k in range(len(denoisers)):
         picked = np.flatnonzero(choice == k)
         if len(picked) == 0:
             continue
-        part = denoise(tokens[picked], rng, vocab, denoiser)
+        part = build(k, picked)
         out.input_ids[picked, : part.input_ids.shape[1]] = part.input_ids
         out.attention_mask[picked, : part.input_ids.shape[1]] = part.attention_mask
         out.labels[picked, : part.labels.shape[1]] = part.labels
     return out
+
+
+def denoise_mixture(tokens: np.ndarray, rng: np.random.Generator, vocab: SpanVocab,
+                    denoisers: Sequence[Denoiser]) -> Seq2SeqExamples:
+    """Each row gets one denoiser drawn by weight; outputs are padded to the mixture's fixed widths."""
+    tokens = _token_rows(tokens)
+    _check_denoisers(denoisers)
+    rows, length = tokens.shape
+    choice = rng.choice(len(denoisers), size=rows, p=_probabilities(denoisers))
+    return _mixture_examples(rows, length, vocab, denoisers, choice,
+                             lambda k, picked: denoise(tokens[picked], rng, vocab, denoisers[k]))
+
+
+def denoise_rows(tokens: np.ndarray, rngs: Sequence[np.random.Generator], vocab: SpanVocab,
+                 denoisers: Sequence[Denoiser]) -> Seq2SeqExamples:
+    """Row i denoised with its own Generator rngs[i], all rows at once.
+
+    Row by row the same examples as `denoise` (one denoiser) or `denoise_mixture` (several) given that row
+    alone and rngs[i]: each row makes exactly their draws (its denoiser, then its noise-mask keys or split
+    point), and the masks and layouts are then built for the whole batch with array operations.
+    """
+    tokens = _token_rows(tokens)
+    _check_denoisers(denoisers)
+    rows, length = tokens.shape
+    if len(rngs) != rows:
+        raise ValueError(f"{rows} rows but {len(rngs)} generators")
+    for d in denoisers:
+        _check_fits(length, d, vocab)
+    keys = [sum(span_keys(length, d.noise_density, d.mean_span_length)) if d.kind == "span" else 0
+            for d in denoisers]
+    # as Generator.choice(len(denoisers), size=1, p=...) draws: one uniform, placed in the cumulative weights
+    cdf = _probabilities(denoisers).cumsum()
+    cdf /= cdf[-1]
+    choice = np.zeros(rows, dtype=np.int64)
+    draws: list[list[np.ndarray]] = [[] for _ in denoisers]
+    for i, rng in enumerate(rngs):
+        k = int(cdf.searchsorted(rng.random(), side="right")) if len(denoisers) > 1 else 0
+        choice[i] = k
+        draws[k].append(rng.integers(1, length, size=(1, 1))[0] if denoisers[k].kind == "prefix_lm"
+                        else rng.random(keys[k]))
+
+    def build(k: int, picked: np.ndarray) -> Seq2SeqExamples:
+        d, drawn = denoisers[k], np.stack(draws[k])
+        if d.kind == "prefix_lm":
+            return split_prefix(tokens[picked], drawn, vocab)
+        return corrupt_spans(tokens[picked], noise_mask_from_keys(drawn, length, d.noise_density,
+                                                                   d.mean_span_length), vocab)
+
+    if len(denoisers) == 1:
+        return build(0, np.arange(rows))
+    return _mixture_examples(rows, length, vocab, denoisers, choice, build)
