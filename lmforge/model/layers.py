@@ -170,7 +170,7 @@ class Block(nn.Module):
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """ALiBi's per-head slopes 2**(-8 (h + 1) / n_head), float64: head 0 the most local."""
-    return 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float64) / n_head)
+    return 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float64, device="cpu") / n_head)
 
 
 def alibi_bias(n_head: int, length: int, device: torch.device) -> torch.Tensor:

@@ -73,14 +73,14 @@ class RelativePositionBias(nn.Module):
         """(buckets, heads): -slope_h * the mean distance a bucket covers, with ALiBi's slopes
         2**(-8 (h + 1) / heads); the buckets a stack never looks up stay 0."""
         slopes = alibi_slopes(self.embedding.weight.shape[1])
-        offsets = torch.arange(-self.max_distance, self.max_distance + 1)
+        offsets = torch.arange(-self.max_distance, self.max_distance + 1, device="cpu")  # also when built on meta
         buckets = relative_position_bucket(offsets, self.bidirectional, self.num_buckets, self.max_distance)
         if not self.bidirectional:
             buckets, offsets = buckets[offsets <= 0], offsets[offsets <= 0]
-        total = torch.zeros(self.num_buckets, dtype=torch.float64).index_add_(0, buckets, offsets.abs().double())
-        count = torch.zeros(self.num_buckets, dtype=torch.float64).index_add_(0, buckets, torch.ones_like(total[buckets]))
+        total = torch.zeros(self.num_buckets, dtype=torch.float64, device="cpu").index_add_(0, buckets, offsets.abs().double())
+        count = torch.zeros(self.num_buckets, dtype=torch.float64, device="cpu").index_add_(0, buckets, torch.ones_like(total[buckets]))
         distance = total / count.clamp(min=1)
-        return (-distance[:, None] * slopes[None, :]).float()
+        return (-distance[:, None] * slopes[None, :]).float().to(self.embedding.weight.device)
 
 
 class Attention(nn.Module):

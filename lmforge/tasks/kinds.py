@@ -29,6 +29,7 @@ from lmforge.tasks.config import TaskConfig
 from lmforge.tasks.heads import span_loss, token_classification_loss
 from lmforge.tasks.mixture import MixingPlan, merge_dev_metrics, mixture_config
 from lmforge.train.device import autocast
+from lmforge.train.distributed import whole_model
 
 STRUCTURED_KINDS = ("tokens", "span", "seq2seq")
 UNBOUNDED = 10 ** 9  # a task tokenizer that never truncates: the kinds cut windows themselves
@@ -296,17 +297,17 @@ def _evaluate_seq2seq(model: nn.Module, data: KindData, device: torch.device, pr
         weight = sum(data.targets(r) for r in rows)
         loss_sum, count = loss_sum + float(loss) * weight, count + weight
     config = data.task.config
-    if family == "t5":
-        hypotheses = decode_t5(model, data.tokenizer, [e.source for e in data.dev_raw], _source_limit(data),
-                               config.max_target_length, num_beams, device)
-        references = [e.target for e in data.dev_raw]
-        if config.kind != "seq2seq":
-            scores = text_to_text_metrics(config, hypotheses, data)
-            return {"val_loss": loss_sum / max(count, 1.0), **{f"val_{k}": v for k, v in scores.items()}}
-    else:
-        hypotheses = decode_gpt(model, data.tokenizer, [e.text for e in data.dev_raw], model.config.block_size,
-                                config.max_target_length, device, num_beams)
-        references = [str(e.label) for e in data.dev_raw]
+    with whole_model(model):  # FSDP: decoding needs every weight on every process
+        if family == "t5":
+            hypotheses = decode_t5(model, data.tokenizer, [e.source for e in data.dev_raw], _source_limit(data),
+                                   config.max_target_length, num_beams, device)
+        else:
+            hypotheses = decode_gpt(model, data.tokenizer, [e.text for e in data.dev_raw],
+                                    model.config.block_size, config.max_target_length, device, num_beams)
+    if family == "t5" and config.kind != "seq2seq":
+        scores = text_to_text_metrics(config, hypotheses, data)
+        return {"val_loss": loss_sum / max(count, 1.0), **{f"val_{k}": v for k, v in scores.items()}}
+    references = [e.target for e in data.dev_raw] if family == "t5" else [str(e.label) for e in data.dev_raw]
     scores = seq2seq_metrics(config.metrics, hypotheses, references)
     return {"val_loss": loss_sum / max(count, 1.0), **{f"val_{k}": v / 100.0 for k, v in scores.items()}}
 

@@ -355,6 +355,29 @@ def _fully_shard(model: nn.Module, parallel: Any, mesh: Any, precision: str) -> 
     fully_shard(model, **options)  # the rest (embeddings, final norm, heads) as one unit at the root
 
 
+@contextlib.contextmanager
+def whole_model(model: nn.Module):
+    """Within the context an FSDP2-sharded model holds all its weights on every process, and forwards
+    gather nothing: decoding, which calls the model's parts directly (T5's encode / decode, not the root's
+    forward, which is what gathers the root's weights) and stops after a number of steps that differs from
+    process to process, needs exactly that. A model that is not sharded passes through untouched."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    blocks = [unit for unit in units if unit is not model]  # FSDP never reshards the root after its forward
+    for unit in blocks:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:  # the same collectives in the same order on every process
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+        for unit in blocks:
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
 def gradient_sync(train_model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
     """Within the context, backward passes reduce gradients across processes only if `enabled`:
     all but the last micro-batch of a step accumulate locally. train_model: what parallelize returned."""
