@@ -95,8 +95,8 @@ LEVERS: dict[str, tuple[Callable, Callable, bool]] = {
                                    contextlib.nullcontext, False),
     "compile-model+optimizer": (torch.compile, contextlib.nullcontext, True),
 }
-DEFAULT_LEVERS = ["eager", "sdpa-math", "flush-denormal", "compile-blocks", "compile-model", "compile-model-cpp-wrapper",
-                  "compile-model+optimizer"]
+DEFAULT_LEVERS = ["eager", "sdpa-math", "flush-denormal", "one-thread", "gelu-saved-tanh", "compile-blocks",
+                  "compile-model", "compile-model-cpp-wrapper", "compile-model+optimizer"]
 
 
 def measure(shape_name: str, levers: list[str], rounds: int, steps: int, max_seconds: float) -> None:
