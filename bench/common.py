@@ -31,13 +31,14 @@ def gcide_bpe_tokenizer(text: str):
 
 
 def alternate_rounds(steppers: dict[str, Callable[[int], float]], rounds: int, steps: int,
-                     max_seconds: float) -> dict[str, float]:
+                     max_seconds: float, warm_up: bool = True) -> dict[str, float]:
     """Median seconds per step of each stepper, timed in alternating rounds so machine noise hits all alike.
 
     A stepper takes the batch number and runs one training step on it. One untimed warm-up step each
-    first (allocator, kernels, autocast caches); a round is cut short after max_seconds.
+    first (allocator, kernels, autocast caches) unless the caller took it; a round is cut short after
+    max_seconds.
     """
-    for step in steppers.values():
+    for step in steppers.values() if warm_up else ():
         step(0)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for _ in range(rounds):

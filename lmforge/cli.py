@@ -68,6 +68,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from lmforge.report import plot_run
     from lmforge.run import load_run_config, sample_run
     from lmforge.train.device import resolve_device
+    from lmforge.train.loop import describe_time
     from lmforge.train.pretrain import pretrain
 
     if args.resume:
@@ -78,7 +79,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.out or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    parts = {"start-up": time.perf_counter() - args.started}  # imports, config; pretrain adds its checks
     result = pretrain(config, run_dir, resume=bool(args.resume))
+    parts["start-up"] += result.parts.pop("checks", 0.0)
+    parts.update(result.parts)
     if result.interrupted_by is not None:
         if _is_main_process():
             print(f"stopped at step {result.step}; checkpoint written. Continue with:\n"
@@ -86,8 +90,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 128 + result.interrupted_by
     if not _is_main_process():
         return 0
+    began = time.perf_counter()
     plot_run(run_dir)
+    parts["plots"] = time.perf_counter() - began
     sample = sample_run(run_dir, resolve_device(config.train.device))
+    parts["sample"] = time.perf_counter() - began - parts["plots"]
     if sample is not None:
         (run_dir / "samples.txt").write_text(sample + "\n", encoding="utf-8")
         print("\n--- sample " + "-" * 60 + f"\n{sample}\n" + "-" * 71)
@@ -100,6 +107,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
         print(f"validation loss: {val}  (step {result.step}, {result.seconds:.0f}s)")
     print(f"run directory: {run_dir}  (loss curve: {run_dir / 'plots' / 'loss.png'})")
+    print(describe_time(time.perf_counter() - args.started, parts))
     return 0
 
 
@@ -551,7 +559,9 @@ def _show_library_log() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started  # the commands that report where their time went count from here
     _show_library_log()
     try:
         return args.func(args)

@@ -139,6 +139,8 @@ class LoopResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted_by: Optional[int] = None  # signal number when stopped by SIGINT / SIGTERM
     stopped_early: bool = False
+    # wall seconds of the loop's parts: training steps (with logging), evaluations, checkpoints
+    seconds: dict[str, float] = field(default_factory=lambda: {"steps": 0.0, "evaluations": 0.0, "checkpoints": 0.0})
 
 
 class StopRequest:
@@ -198,6 +200,7 @@ def run_loop(recipe: Recipe, run: RunDir, state: TrainerState, world: World, pro
 
     bad_in_a_row = 0
     window_steps, window_start = 0, time.perf_counter()
+    loop_start = window_start
     step = state.step
     model, optimizer = recipe.model, recipe.optimizer
     try:
@@ -252,7 +255,9 @@ def run_loop(recipe: Recipe, run: RunDir, state: TrainerState, world: World, pro
                 evaluated = (recipe.eval_every > 0 and step % recipe.eval_every == 0) or last
                 improved = False
                 if evaluated:
+                    began = time.perf_counter()
                     scores = recipe.evaluate()
+                    result.seconds["evaluations"] += time.perf_counter() - began
                     row = {**{"step": step}, **row, **scores}
                     result.last_eval = scores
                     if keep.score is not None:
@@ -272,8 +277,10 @@ def run_loop(recipe: Recipe, run: RunDir, state: TrainerState, world: World, pro
                 early_stop = evaluated and keep.patience > 0 and state.since_best >= keep.patience
                 due = (step % keep.every == 0) if keep.every > 0 else evaluated
                 if due or last or stopping or early_stop:
+                    began = time.perf_counter()
                     checkpoint()
                     window_start = time.perf_counter()
+                    result.seconds["checkpoints"] += window_start - began
                 if stopping:
                     result.interrupted_by = stop.signum or signal.SIGTERM
                     break
@@ -286,8 +293,20 @@ def run_loop(recipe: Recipe, run: RunDir, state: TrainerState, world: World, pro
         bar.close()
         if metrics is not None:
             metrics.close()
+        elsewhere = result.seconds["evaluations"] + result.seconds["checkpoints"]
+        result.seconds["steps"] = time.perf_counter() - loop_start - elsewhere
     result.step = step
     return result
+
+
+def describe_time(total: float, parts: dict[str, float]) -> str:
+    """One line for people: where a command's `total` wall seconds went, part by part (in the given order),
+    with what no part measured as "other"."""
+    shown = [f"{name} {seconds:.1f}" for name, seconds in parts.items()]
+    other = total - sum(parts.values())
+    if other >= 0.05:
+        shown.append(f"other {other:.1f}")
+    return f"time: {total:.1f} s = " + " + ".join(shown)
 
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:

@@ -41,6 +41,9 @@ class TrainResult:
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     val_metrics: dict[str, float] = field(default_factory=dict)
+    # wall seconds of the run's parts, in order: "checks" (before the store), "store", "set-up" (model,
+    # optimizer, loaders, matmul peak; a checkpoint's loading on resume), "steps", "evaluations", "checkpoints"
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def pretrain(config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -150,6 +153,8 @@ class PretrainRecipe(Recipe):
 def _pretrain(config: Config, run: RunDir, resume: bool, progress: bool, world: World, device: torch.device,
               mesh: Any, started: float) -> TrainResult:
     tc = config.train
+    parts = {"checks": time.time() - started}
+    began = time.perf_counter()
     restart = False
     if resume:
         store = TokenStore(run_on_main(_recorded_store_path, run, config, progress))
@@ -164,6 +169,8 @@ def _pretrain(config: Config, run: RunDir, resume: bool, progress: bool, world: 
     elif config.model.vocab_size < vocab_size:
         raise LmforgeError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {vocab_size}")
 
+    parts["store"] = time.perf_counter() - began
+    began = time.perf_counter()
     recipe = PretrainRecipe(config, store, world, device, mesh, progress)
     state = TrainerState()
     if resume and run_on_main(run.has_checkpoint):
@@ -190,12 +197,14 @@ def _pretrain(config: Config, run: RunDir, resume: bool, progress: bool, world: 
         log.info(f"model: {config.model.family}, {recipe.model.num_parameters() / 1e6:.2f}M parameters, "
                  f"{recipe.tokens_per_step:,} tokens/step ({layout}{accum} micro-batch{'es' if accum > 1 else ''} of "
                  f"{recipe.train_loader.micro_batch_size} per process), {tc.precision} on {device}")
+    parts["set-up"] = time.perf_counter() - began
     try:
         done = run_loop(recipe, run, state, world, progress, resumed=resume)
     finally:
         recipe.train_loader.close()  # background batch workers, if any
     result = TrainResult(run.path, done.step, interrupted_by=done.interrupted_by, history=done.history,
-                         val_metrics=done.last_eval, val_loss=done.last_eval.get("val_loss"))
+                         val_metrics=done.last_eval, val_loss=done.last_eval.get("val_loss"),
+                         parts={**parts, **done.seconds})
     result.seconds = time.time() - started
     if world.is_main:
         run.write_summary({"step": result.step, "val_loss": result.val_loss, "val": result.val_metrics,
