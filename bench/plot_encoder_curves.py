@@ -18,7 +18,6 @@ evaluation or further past its last.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -3,24 +3,16 @@
 import json
 import shutil
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import sentence_documents
 from lmforge.cli import main
 
 
 def _corpus(tmp_path):
-    """JSONL documents of several sentences each, with a learnable regularity (X is followed by Y)."""
-    rng = np.random.default_rng(0)
-    words = "red green blue cat dog bird runs sleeps eats the a big small".split()
-    path = tmp_path / "docs.jsonl"
-    with open(path, "w") as fh:
-        for _ in range(120):
-            sentences = [" ".join(rng.choice(words, size=6)).capitalize() + "." for _ in range(int(rng.integers(3, 8)))]
-            fh.write(json.dumps({"text": " ".join(sentences)}) + "\n")
-    return path
+    return sentence_documents(tmp_path / "docs.jsonl")
 
 
 def _config(tmp_path, **train):

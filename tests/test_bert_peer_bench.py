@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import yaml
 
+from conftest import sentence_documents
 from lmforge.cli import main as lmforge_main
 from lmforge.config import load_config
 
@@ -29,13 +30,7 @@ def _bench(name: str):
 
 def _config(tmp_path, family: str = "bert") -> Path:
     """A tiny BERT recipe on JSONL documents of several sentences each."""
-    rng = np.random.default_rng(0)
-    words = "red green blue cat dog bird runs sleeps eats the a big small".split()
-    corpus = tmp_path / "docs.jsonl"
-    with open(corpus, "w") as fh:
-        for _ in range(120):
-            sentences = [" ".join(rng.choice(words, size=6)).capitalize() + "." for _ in range(int(rng.integers(3, 8)))]
-            fh.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+    corpus = sentence_documents(tmp_path / "docs.jsonl")
     config = {
         "name": "bert-peer-test",
         "data": {"corpus": [str(corpus)], "format": "jsonl", "tokenizer": {"kind": "wordpiece", "vocab_size": 120},

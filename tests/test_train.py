@@ -2,18 +2,14 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
-from conftest import tiny_config_dict
+from conftest import assert_resume_reproduces, tiny_config_dict
 from lmforge.cli import main
 
 
@@ -60,14 +56,7 @@ def test_resume_from_a_checkpoint_continues_identically(tmp_path, corpus_file):
     full, partial = tmp_path / "full", tmp_path / "partial"
     assert main(["pretrain", "--config", str(config), "--out", str(full)]) == 0
     # A run that died after its step-20 checkpoint: later checkpoints and log lines are gone or stale.
-    shutil.copytree(full, partial)
-    shutil.rmtree(partial / "checkpoints" / "step-000030")
-    (partial / "checkpoints" / "latest").write_text("step-000020\n")
-    assert main(["pretrain", "--resume", str(partial)]) == 0
-    assert _losses(partial) == _losses(full)  # bit-identical per-step losses, no duplicated steps
-    a = load_file(str(full / "checkpoints/step-000030/model.safetensors"))
-    b = load_file(str(partial / "checkpoints/step-000030/model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_reproduces(full, partial, died_after=20, last=30)
 
 
 def test_sigterm_checkpoints_and_exits_with_a_resume_hint(tmp_path, corpus_file):
