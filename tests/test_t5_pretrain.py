@@ -63,7 +63,7 @@ def test_t5_pretrains_through_the_cli_and_evaluates_the_same_fixed_set(in_cache,
     run = root / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows]
-    assert len(losses) == 12 and losses[-1] < losses[0] / 2
+    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]  # 5.51 -> 2.80 in 12 steps (ALiBi start)
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [6, 12] and 0 < evals[-1]["val_token_acc"] <= 1
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
