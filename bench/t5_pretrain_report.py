@@ -3,8 +3,11 @@ and span fills of validation examples, printed as the model wrote them.
 
 The baseline is the cross-entropy, on the run's validation targets (the same fixed batches every
 evaluation scores), of the unigram distribution of target tokens counted over training batches of the
-same objective: what a model that ignores its input entirely would score. Fills are greedy decodes of
-the first validation examples (corrupted exactly as the evaluation corrupts them), beside the truth.
+same objective: what a model that ignores its input entirely would score. Two probes say whether the
+encoder is used: the content targets' loss with another example's encoder input (the gap), and how
+alike the encoder's output vectors are across positions (a collapsed encoder writes one vector). Fills
+are greedy decodes of the first validation examples (corrupted exactly as the evaluation corrupts
+them), beside the truth.
 
     python bench/t5_pretrain_report.py RUN [--examples 10] [--train-batches 200] [--plot RUN/t5-curve.png]
 """
@@ -68,6 +71,47 @@ def span_fills(run, store, count: int) -> list[dict[str, str]]:
     return out
 
 
+@torch.no_grad()
+def encoder_use(run, store, batches: int = 4) -> tuple[float, float, float]:
+    """Does the decoder read the encoder? The mean loss of the content target tokens (no sentinel, </s> or
+    padding) of the first validation batches with each example's own encoder input, with another
+    example's (the batch rolled by one), and the second minus the first: 0 = the encoder is ignored."""
+    vocab = SpanVocab.from_tokenizer(run.tokenizer)
+    val = loader_for(run.config, store, "val", training=False)
+    own, other, count = 0.0, 0.0, 0
+    for _ in range(batches):
+        batch = val.next()
+        labels = batch["labels"]
+        sentinel = (labels > vocab.sentinel_start - vocab.num_sentinels) & (labels <= vocab.sentinel_start)
+        content = (labels >= 0) & (labels != vocab.eos) & (labels != vocab.pad) & ~sentinel
+        roll = torch.roll(torch.arange(labels.shape[0]), 1)
+        for inputs, mask, total in ((batch["input_ids"], batch["attention_mask"], "own"),
+                                    (batch["input_ids"][roll], batch["attention_mask"][roll], "other")):
+            logits = run.model(inputs, mask, labels=labels).logits
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+            if total == "own":
+                own += float(loss[content].sum())
+            else:
+                other += float(loss[content].sum())
+        count += int(content.sum())
+    val.close()
+    return own / count, other / count, (other - own) / count
+
+
+@torch.no_grad()
+def encoder_spread(run, store) -> float:
+    """Mean cosine similarity between the encoder's output vectors at different positions of one example,
+    averaged over the first validation batch: near 0 for distinct positions, near 1 when the encoder has
+    collapsed to one vector (what AdamW at T5's init did: docs/t5.md)."""
+    val = loader_for(run.config, store, "val", training=False)
+    batch = val.next()
+    val.close()
+    out = torch.nn.functional.normalize(run.model.encode(batch["input_ids"], batch["attention_mask"]), dim=-1)
+    sims = out @ out.transpose(1, 2)
+    n = sims.shape[1]
+    return float(((sims.sum((1, 2)) - n) / (n * n - n)).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run")
@@ -87,6 +131,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for step, loss, acc in evals:
         print(f"| {step} | {loss:.4f} | {acc if acc is None else f'{acc:.1%}'} | {baseline - loss:+.3f} |")
+    own, other, gap = encoder_use(run, store)
+    print(f"content targets: {own:.4f} nats with their own encoder input, {other:.4f} with another example's "
+          f"(gap {gap:+.4f}; 0 = the decoder ignores the encoder)")
+    print(f"encoder output: mean cosine between positions {encoder_spread(run, store):.3f} (near 1 = collapsed)")
     import matplotlib
 
     matplotlib.use("Agg")
