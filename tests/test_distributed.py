@@ -202,6 +202,20 @@ def test_bert_on_two_processes_resumes_with_every_rank_rng_restored(tmp_path):
 
 
 # pooling=mean leaves BERT's [CLS] pooler unused: DDP and FSDP must not wait for its gradient.
+def _finetune_one_and_two(tmp_path, monkeypatch, env, base, task, strategy, steps, extra=()) -> tuple[dict, dict]:
+    """The same fine-tune in one process and on 2 (micro-batches of 1, batches of 6, dev every 3 steps);
+    asserts equal per-step losses and returns both runs' summaries."""
+    common = ["finetune", str(base), "--task", str(task), "--set", "finetune.dropout=0", "--set", "finetune.lr=3e-3",
+              "--set", "finetune.batch_size=6", "--set", "finetune.warmup=0", "--set", "finetune.log_every=1",
+              "--set", f"finetune.steps={steps}", "--set", "finetune.eval_every=3", *extra]
+    monkeypatch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", f"parallel.strategy={strategy}",
+              "--set", "finetune.micro_batch_size=1", env=env)
+    _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
+    return tuple(json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+
+
 @pytest.mark.parametrize("strategy, pooling", [("fsdp", "auto"), ("ddp", "mean"), ("fsdp", "mean")])
 def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch, strategy, pooling):
     from test_finetune import SENTIMENT, make_base_run, make_task
@@ -211,15 +225,8 @@ def test_finetune_on_two_processes_matches_one_process(tmp_path, monkeypatch, st
     env = _env(tmp_path / "cache")
     # 16 examples in batches of 6: each epoch ends with a batch of 4, which leaves one of each
     # process's 3 micro-batches empty.
-    common = ["finetune", str(base), "--task", str(task), "--set", "finetune.dropout=0", "--set", "finetune.lr=3e-3",
-              "--set", "finetune.batch_size=6", "--set", "finetune.warmup=0", "--set", "finetune.log_every=1",
-              "--set", "finetune.steps=9", "--set", "finetune.eval_every=3", "--set", f"finetune.pooling={pooling}"]
-    monkeypatch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", f"parallel.strategy={strategy}",
-              "--set", "finetune.micro_batch_size=1", env=env)
-    _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
-    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    one, two = _finetune_one_and_two(tmp_path, monkeypatch, env, base, task, strategy, steps=9,
+                                     extra=["--set", f"finetune.pooling={pooling}"])
     assert one["best_checkpoint"] == two["best_checkpoint"]
     assert abs(one["dev"]["loss"] - two["dev"]["loss"]) / one["dev"]["loss"] < RTOL
     assert one["dev"]["accuracy"] == two["dev"]["accuracy"]
@@ -244,15 +251,7 @@ def test_structured_finetune_kinds_on_two_processes_match_one_process(tmp_path, 
     env = _env(tmp_path / "cache")
     # 16 examples in batches of 6 split over 2 processes x 3 micro-batches of 1: the batch of 4 that ends
     # each epoch leaves one micro-batch of each process empty.
-    common = ["finetune", str(base), "--task", str(task), "--set", "finetune.dropout=0", "--set", "finetune.lr=3e-3",
-              "--set", "finetune.batch_size=6", "--set", "finetune.warmup=0", "--set", "finetune.log_every=1",
-              "--set", "finetune.steps=6", "--set", "finetune.eval_every=3"]
-    monkeypatch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
-    assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    _torchrun(*common, "--out", str(tmp_path / "two"), "--set", f"parallel.strategy={strategy}",
-              "--set", "finetune.micro_batch_size=1", env=env)
-    _assert_close(_losses(tmp_path / "one"), _losses(tmp_path / "two"))
-    one, two = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
+    one, two = _finetune_one_and_two(tmp_path, monkeypatch, env, base, task, strategy, steps=6)
     assert one["kind"] == two["kind"] == kind
     assert one["best_checkpoint"] == two["best_checkpoint"]
     assert abs(one["dev"]["loss"] - two["dev"]["loss"]) / one["dev"]["loss"] < RTOL
