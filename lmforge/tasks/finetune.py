@@ -50,6 +50,7 @@ from lmforge.train.device import autocast, resolve_device
 from lmforge.train.distributed import (World, all_gather_objects, broadcast_object, check_launch, parallelize,
                                        process_group, rank_and_size, resolve_rank_device, run_on_main, world_from_env)
 from lmforge.train.loop import KeepPolicy, Recipe, resume_note, run_loop
+from lmforge.train.optim import optimizer_for
 from lmforge.train.pretrain import take_ownership
 from lmforge.train.rng import derived_seed, restore_rng_states, seed_everything
 from lmforge.train.rundir import CONFIG_FILE, TOKENIZER_FILE, RunDir
@@ -223,10 +224,7 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 
 
 def _optimizer(model: nn.Module, ft: FinetuneConfig, device: torch.device) -> torch.optim.Optimizer:
-    if ft.optimizer == "adafactor":
-        return torch.optim.Adafactor(param_groups(model, ft), lr=ft.lr, foreach=True)
-    kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, ft), lr=ft.lr, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+    return optimizer_for(param_groups(model, ft), ft.optimizer, ft.lr, (0.9, 0.999), 1e-8, device)
 
 
 # ---------------------------------------------------------------------------------------------

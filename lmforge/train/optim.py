@@ -20,18 +20,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, config.weight_decay)
-    if config.optimizer == "adafactor":
+    return optimizer_for(param_groups(model, config.weight_decay), config.optimizer, config.lr,
+                         (config.beta1, config.beta2), config.eps, device)
+
+
+def optimizer_for(groups: list[dict], kind: str, lr: float, betas: tuple[float, float], eps: float,
+                  device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `groups` (fused where the kernel exists), or torch's Adafactor (betas and eps unused).
+    Pretraining and fine-tuning both build theirs here."""
+    if kind == "adafactor":
         # Adafactor's decay is lr * weight_decay * param, not relative to the parameter's scale as its steps are
-        return torch.optim.Adafactor(groups, lr=config.lr, foreach=True)
+        return torch.optim.Adafactor(groups, lr=lr, foreach=True)
     kwargs = {}
     # The fused kernel exists for CUDA (and CPU in recent PyTorch); foreach is the portable fast path.
     if "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu"):
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW(groups, lr=config.lr,
-                             betas=(config.beta1, config.beta2), eps=config.eps, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
