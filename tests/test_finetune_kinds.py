@@ -167,8 +167,9 @@ def test_span_extractor_overfits_tiny_qa_and_answers_questions(tmp_path, capsys)
     capsys.readouterr()
     assert main(["evaluate", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["span_f1"] == pytest.approx(summary["dev"]["span_f1"])
+    # the dev passage itself: with every dev question right, predict (same windows) must answer it too
     assert main(["predict", str(run), "where does carol live",
-                 "carol lives in oslo . the film was good and bob went to alice ."]) == 0
+                 "carol lives in oslo . the film was good and bob went to paris ."]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer == "oslo" or summary["dev"]["exact_match"] < 1.0
     assert main(["predict", str(run), "where does carol live"]) == 2
