@@ -141,8 +141,10 @@ class TrainConfig:
     windows: Literal["blocks", "random"] = "blocks"
     # adamw: AdamW (beta1, beta2, eps). adafactor: torch's Adafactor (T5's optimizer): each matrix's step is
     # lr times its own RMS (relative steps, which T5's N(0, 1/fan_in) initialisation assumes), factored
-    # second moments, no momentum; beta1/beta2/eps do not apply.
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    # second moments, no momentum; beta1/beta2/eps do not apply. muon: torch's Muon (orthogonalised
+    # momentum) on the hidden matrices, scaled to AdamW's update size so lr carries over; AdamW (beta1,
+    # beta2, eps) on embeddings, the vocabulary projection and vectors. Not with parallel.strategy=fsdp.
+    optimizer: Literal["adamw", "adafactor", "muon"] = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4  # cosine decay floor
     warmup_steps: int = 100
@@ -306,6 +308,10 @@ class Config:
         self.mlm.validate("mlm")
         self.span.validate("span")  # lengths and sentinels: data.loader.check_objective, before a run starts
         self.parallel.validate("parallel")
+        if self.train.optimizer == "muon" and self.parallel.strategy == "fsdp":
+            # Newton-Schulz needs each matrix whole; FSDP leaves every process a slice of it
+            raise LmforgeError("train.optimizer=muon needs whole matrices on every process; "
+                               "parallel.strategy=fsdp shards them (use ddp, or adamw)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -150,6 +150,10 @@ def test_long_inputs_are_cut_and_counted_or_refused_when_strict():
     assert features[0].source_ids == tok.encode("a man sleeps").ids
     with pytest.raises(LmforgeError, match=r"f:2: the input is longer than finetune.max_length 6"):
         encode_seq2seq(tok, examples, 6, 4, strict=True)
+    # a target past task.max_target_length likewise: cut and counted, or named when strict
+    assert encode_seq2seq(tok, examples, 20, 3)[1] == 2  # "a man" and "a room" are 4 tokens with [CLS]/[SEP]
+    with pytest.raises(LmforgeError, match=r"f:1: the target is longer than task.max_target_length 3"):
+        encode_seq2seq(tok, examples, 20, 3, strict=True)
     batch = collate_seq2seq(features, pad=tok.token_to_id("[PAD]"))
     assert batch["input_ids"].shape == (2, 6) and batch["attention_mask"][0].tolist() == [1] * 5 + [0]
     assert batch["labels"][1].tolist() == features[1].target_ids + [IGNORE_INDEX] * (4 - len(features[1].target_ids))

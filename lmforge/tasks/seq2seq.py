@@ -194,8 +194,8 @@ def encode_seq2seq(tokenizer: Tokenizer, examples: Sequence[Seq2SeqExample], max
                    max_target_length: int, strict: bool = False) -> tuple[list[Seq2SeqFeatures], int]:
     """Encoder inputs and decoder targets (each with the tokenizer's template), cut to their lengths.
 
-    Returns the features and how many inputs were cut; a cut input is an error when strict (a
-    target too long is always cut: the loss on its head still teaches).
+    Returns the features and how many inputs or targets were cut; with task.strict a cut one is an
+    error naming the example's file and line (off, the loss on a cut target's head still teaches).
     """
     def encode(texts: list[str], limit: int) -> list:
         tok = Tokenizer.from_str(tokenizer.to_str())
@@ -206,14 +206,18 @@ def encode_seq2seq(tokenizer: Tokenizer, examples: Sequence[Seq2SeqExample], max
     sources = encode([e.source for e in examples], max_source_length)
     targets = encode([e.target for e in examples], max_target_length)
     truncated = 0
-    for example, enc in zip(examples, sources):
-        if enc.overflowing:
-            if strict:
-                raise LmforgeError(f"{example.where}: the input is longer than finetune.max_length "
-                                   f"{max_source_length} tokens (task.strict is on; off, it is cut and counted)")
-            truncated += 1
-    if truncated:
-        log.warning("cut %d of %d input(s) to %d tokens", truncated, len(examples), max_source_length)
+    for side, encodings, key, limit in (("input", sources, "finetune.max_length", max_source_length),
+                                        ("target", targets, "task.max_target_length", max_target_length)):
+        cut = 0
+        for example, enc in zip(examples, encodings):
+            if enc.overflowing:
+                if strict:
+                    raise LmforgeError(f"{example.where}: the {side} is longer than {key} {limit} tokens "
+                                       f"(task.strict is on; off, it is cut and counted)")
+                cut += 1
+        if cut:
+            log.warning("cut %d of %d %s(s) to %s = %d tokens", cut, len(examples), side, key, limit)
+        truncated += cut
     return [Seq2SeqFeatures(list(s.ids), list(t.ids)) for s, t in zip(sources, targets)], truncated
 
 
