@@ -3,7 +3,6 @@
 import errno
 import json
 
-import pytest
 import torch
 import yaml
 
