@@ -67,6 +67,21 @@ def _assert_close(a: dict[int, float], b: dict[int, float]) -> None:
     assert worst < RTOL, f"largest relative difference {worst:.2e}"
 
 
+def assert_pretrain_matches_on_two_processes(config: dict, root: Path, *torchrun_sets: str) -> None:
+    """Pretrain `config` in this process and on 2 torchrun processes (with `--set` overrides) under
+    `root`; the per-step losses must agree within RTOL."""
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = _env(root / "cache")
+    one, two = root / "one", root / "two"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
+        assert main(["pretrain", "--config", str(path), "--out", str(one)]) == 0
+    sets = [arg for kv in torchrun_sets for arg in ("--set", kv)]
+    _torchrun("pretrain", "--config", str(path), "--out", str(two), *sets, env=env)
+    _assert_close(_losses(one), _losses(two))
+
+
 def _cut_back(run: Path, to: Path, step: int) -> Path:
     """A copy of `run` as if it had died right after its checkpoint at `step`."""
     shutil.copytree(run, to)

@@ -212,20 +212,12 @@ def test_pretrain_a_tiny_llama_through_the_cli_then_generate(tmp_path, corpus_fi
 
 
 def test_fsdp_on_two_processes_wraps_the_llama_blocks_and_matches_one_process(tmp_path, corpus_file):
-    from test_distributed import _assert_close, _env, _losses, _torchrun
+    from test_distributed import assert_pretrain_matches_on_two_processes
 
     from lmforge.train.distributed import transformer_blocks
 
     assert len(transformer_blocks(GPT(_llama(n_layer=3)))) == 3
     config = tiny_config_dict(corpus_file, steps=6, eval_every=6, checkpoint_every=6, sample_tokens=0)
     config["model"].update(layout="llama", n_kv_head=1, tie_embeddings=False)
-    path = tmp_path / "llama.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = _env(tmp_path / "cache")
-    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
-        assert main(["pretrain", "--config", str(path), "--out", str(one)]) == 0
-    _torchrun("pretrain", "--config", str(path), "--out", str(fsdp), "--set", "parallel.strategy=fsdp",
-              "--set", "parallel.activation_checkpointing=true", env=env)
-    _assert_close(_losses(one), _losses(fsdp))
+    assert_pretrain_matches_on_two_processes(config, tmp_path, "parallel.strategy=fsdp",
+                                             "parallel.activation_checkpointing=true")

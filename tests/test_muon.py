@@ -74,19 +74,11 @@ def test_a_muon_run_resumes_bit_identically(tmp_path, corpus_file):
 
 
 def test_ddp_muon_on_two_processes_matches_one_process(tmp_path, corpus_file):
-    from test_distributed import _assert_close, _env, _losses, _torchrun
+    from test_distributed import assert_pretrain_matches_on_two_processes
 
     config = tiny_config_dict(corpus_file, steps=6, eval_every=6, checkpoint_every=6, sample_tokens=0,
                               optimizer="muon")
-    path = tmp_path / "muon.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = _env(tmp_path / "cache")
-    one, ddp = tmp_path / "one", tmp_path / "ddp"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LMFORGE_CACHE", env["LMFORGE_CACHE"])
-        assert main(["pretrain", "--config", str(path), "--out", str(one)]) == 0
-    _torchrun("pretrain", "--config", str(path), "--out", str(ddp), env=env)
-    _assert_close(_losses(one), _losses(ddp))
+    assert_pretrain_matches_on_two_processes(config, tmp_path)
 
 
 def test_muon_with_fsdp_is_refused_naming_the_keys(tmp_path, corpus_file, capsys):
