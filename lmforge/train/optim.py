@@ -15,27 +15,25 @@ from lmforge.train.muon import Muon
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay 2-D weights (matmuls, embeddings); never biases or norm gains, which only shift or scale."""
-    decay, no_decay = [], []
-    for param in {id(p): p for p in model.parameters() if p.requires_grad}.values():
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return param_groups_of([p for p in model.parameters() if p.requires_grad], weight_decay)
+
+
+def param_groups_of(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    unique = list({id(p): p for p in params}.values())  # a tied weight once
+    return [{"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     betas = (config.beta1, config.beta2)
     if config.optimizer == "muon":
         hidden = hidden_matrices(model)
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in {id(h) for h in hidden}]
+        taken = {id(h) for h in hidden}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
         return MuonAdamW(hidden, param_groups_of(rest, config.weight_decay), config.lr, config.weight_decay,
                          betas, config.eps, device)
     return optimizer_for(param_groups(model, config.weight_decay), config.optimizer, config.lr, betas,
                          config.eps, device)
-
-
-def param_groups_of(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
-    unique = list({id(p): p for p in params}.values())
-    return [{"params": [p for p in unique if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in unique if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
