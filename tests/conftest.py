@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,17 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.\n"
     "All that glitters is not gold. Where there is a will there is a way. Time and tide wait for no man.\n"
 )
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module, e.g. load_bench("linear_probe").main([...])."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

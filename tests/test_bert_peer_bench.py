@@ -2,7 +2,6 @@
 and writes its curve, its held-out documents are lmforge's, its accuracy counts exactly the labelled
 positions, and the plot script puts it beside a real lmforge BERT run."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,19 +12,11 @@ import numpy as np
 import torch
 import yaml
 
-from conftest import sentence_documents
+from conftest import load_bench, sentence_documents
 from lmforge.cli import main as lmforge_main
 from lmforge.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config(tmp_path, family: str = "bert") -> Path:
@@ -63,7 +54,7 @@ def test_peer_trains_for_its_budget_and_plots_beside_an_lmforge_run(tmp_path, ca
 
     run = tmp_path / "run"
     assert lmforge_main(["pretrain", "--config", str(config), "--out", str(run)]) == 0
-    plot = _bench("plot_encoder_curves")
+    plot = load_bench("plot_encoder_curves")
     seconds = plot.training_seconds([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < seconds[-1] <= summary["seconds"] + 0.1  # training windows only: within the run's wall time
@@ -84,7 +75,7 @@ def test_peer_trains_for_its_budget_and_plots_beside_an_lmforge_run(tmp_path, ca
 
 def test_peer_holds_out_lmforges_documents(tmp_path):
     config = load_config(str(_config(tmp_path)))
-    train, val = _bench("bert_peer_mlm").split_documents(config.data)
+    train, val = load_bench("bert_peer_mlm").split_documents(config.data)
     from lmforge.data.prepare import prepare
 
     splits = json.loads((prepare(config.data, "bert") / "manifest.json").read_text())["splits"]
@@ -92,7 +83,7 @@ def test_peer_holds_out_lmforges_documents(tmp_path):
 
 
 def test_peer_accuracy_counts_every_labelled_position_and_nothing_else(tmp_path):
-    peer = _bench("bert_peer_mlm")
+    peer = load_bench("bert_peer_mlm")
     config = load_config(str(_config(tmp_path)))
     train, _ = peer.split_documents(config.data)
     tokenizer = peer.train_wordpiece(train, 120, lowercase=True)
@@ -124,14 +115,14 @@ def test_peer_accuracy_counts_every_labelled_position_and_nothing_else(tmp_path)
 
 
 def test_peer_refuses_a_decoder_recipe_in_one_line(tmp_path, capsys):
-    assert _bench("bert_peer_mlm").main(["--config", str(_config(tmp_path, family="gpt")), "--minutes", "0.01",
+    assert load_bench("bert_peer_mlm").main(["--config", str(_config(tmp_path, family="gpt")), "--minutes", "0.01",
                                          "--out", str(tmp_path / "x.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.family" in err[0]
 
 
 def test_table_values_interpolate_inside_a_curve_and_star_a_mark_just_past_its_end():
-    plot = _bench("plot_encoder_curves")
+    plot = load_bench("plot_encoder_curves")
     curve = (np.array([1.0, 2.0]), np.array([0.1, 0.3]))
     assert plot.accuracy_at(curve, 1.5) == (0.1 + 0.5 * (0.3 - 0.1), False)
     assert plot.accuracy_at(curve, 2.03) == (0.3, True)  # 1.5% of the mark past the last evaluation
