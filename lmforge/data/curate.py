@@ -305,7 +305,7 @@ def _run_stage(workdir: Path, stage: str, pipeline: list, tasks: int, workers: i
         except BaseException as exc:  # re-raised in the calling thread
             failure.append(exc)
 
-    with _stderr_to(logs / "console.log") as console:
+    with stderr_to(logs / "console.log") as console:
         bar = tqdm(total=total_bytes or tasks, unit="B" if total_bytes else "task", unit_scale=bool(total_bytes),
                    desc=stage, disable=not progress, file=console, dynamic_ncols=True)
         thread = threading.Thread(target=run, daemon=True)
@@ -324,7 +324,7 @@ def _run_stage(workdir: Path, stage: str, pipeline: list, tasks: int, workers: i
 
 
 @contextmanager
-def _stderr_to(path: Path) -> Iterator:
+def stderr_to(path: Path) -> Iterator:
     """Send file descriptor 2 (datatrove's chatty loguru output, in every worker) to `path`; yield the
     real stderr for our own progress bar."""
     path.parent.mkdir(parents=True, exist_ok=True)

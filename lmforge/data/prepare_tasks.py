@@ -127,11 +127,11 @@ def make_executor(name: str, step: EncodeFiles, tasks: int, workers: int, logs: 
 
 def run_tasks(executor, name: str, logs: Path) -> None:
     """Run (or, on Slurm, submit) the tasks; refuse to go on while any task is unfinished."""
-    from lmforge.data.curate import _stderr_to
+    from lmforge.data.curate import stderr_to
 
     if executor.get_incomplete_ranks():
         try:
-            with _stderr_to(logs / "console.log"):  # datatrove's chatty log, in every task
+            with stderr_to(logs / "console.log"):  # datatrove's chatty log, in every task
                 executor.run()
         except Exception as exc:  # a task's failure surfaces here; its own log names the file
             raise TasksUnfinished(f"prepare tasks failed ({exc}); the store is not complete. Task logs: {logs / 'logs'}; "
