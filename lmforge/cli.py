@@ -486,14 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's checkpoint as a transformers model directory")
     p.add_argument("run", help="run directory")
     p.add_argument("--to", required=True, choices=["hf"], help="hf: Hugging Face transformers (GPT2LMHeadModel / "
-                   "LlamaForCausalLM / BertForPreTraining / T5ForConditionalGeneration; fine-tuned BERT: "
+                   "LlamaForCausalLM / Qwen3ForCausalLM / BertForPreTraining / T5ForConditionalGeneration; fine-tuned BERT: "
                    "BertForSequenceClassification / BertForTokenClassification / BertForQuestionAnswering; "
                    "tokenizer files)")
     p.add_argument("out", help="output directory (new or empty)")
     p.add_argument("--checkpoint", help="checkpoint name, e.g. step-000500 (default: newest complete)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a local transformers checkpoint (GPT-2, Llama, BERT, T5, BERT task "
+    p = sub.add_parser("import", help="turn a local transformers checkpoint (GPT-2, Llama, Qwen3, BERT, T5, BERT task "
                        "models) into a run")
     p.add_argument("hf_dir", help="directory with config.json, weights (safetensors or .bin) and tokenizer files")
     p.add_argument("out", help="run directory to create")

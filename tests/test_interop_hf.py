@@ -101,10 +101,12 @@ def _max_diff(a, b, real):
 
 LLAMA_GQA_UNTIED = {"layout": "llama", "n_kv_head": 2, "tie_embeddings": False}
 LLAMA_BIAS_THETA = {"layout": "llama", "n_kv_head": 1, "bias": True, "rope_theta": 500000.0, "ffn_hidden": 72}
+LLAMA_QK_NORM = {"layout": "llama", "n_kv_head": 2, "qk_norm": True, "tie_embeddings": False}
 
 
 @pytest.mark.parametrize("architecture,model_kw", [("GPT2LMHeadModel", {}), ("LlamaForCausalLM", LLAMA_GQA_UNTIED),
-                                                   ("LlamaForCausalLM", LLAMA_BIAS_THETA)])
+                                                   ("LlamaForCausalLM", LLAMA_BIAS_THETA),
+                                                   ("Qwen3ForCausalLM", LLAMA_QK_NORM)])
 def test_gpt_export_gives_transformers_equal_logits_and_identical_greedy_generation(tmp_path, architecture, model_kw):
     run = _make_run(tmp_path, "gpt", **model_kw)
     exported = export_run(run, tmp_path / "hf")
@@ -212,13 +214,15 @@ def _gpt2(cls_name="GPT2LMHeadModel", **kw):
     return _randomise(getattr(transformers, cls_name)(config)).eval()
 
 
-def _llama(**kw):
+def _llama(cls_name="Llama", **kw):
+    """A tiny random LlamaForCausalLM, or Qwen3ForCausalLM (cls_name="Qwen3": Llama + query/key norms)."""
     vocab = _tokenizer("gpt").get_vocab_size()
-    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      hidden_size=32, intermediate_size=80, max_position_embeddings=24,
-                                      vocab_size=vocab, bos_token_id=0, eos_token_id=0, **kw)
+    config = getattr(transformers, f"{cls_name}Config")(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=80,
+        max_position_embeddings=24, vocab_size=vocab, bos_token_id=0, eos_token_id=0,
+        **({"head_dim": 8} if cls_name == "Qwen3" else {}), **kw)
     torch.manual_seed(0)
-    return _randomise(transformers.LlamaForCausalLM(config)).eval()
+    return _randomise(getattr(transformers, f"{cls_name}ForCausalLM")(config)).eval()
 
 
 def _bert(cls_name="BertForPreTraining", **kw):
@@ -243,18 +247,19 @@ def test_gpt2_import_gives_equal_logits(tmp_path, cls_name):
         assert _max_diff(run.model(ids).logits, logits, attention.bool()) < TOL
 
 
-@pytest.mark.parametrize("kw", [{"tie_word_embeddings": True},
-                                {"tie_word_embeddings": False, "rope_parameters": {"rope_type": "default",
-                                                                                  "rope_theta": 1000.0}}])
-def test_llama_import_through_the_cli_gives_equal_logits_and_greedy_generations(tmp_path, capsys, kw):
+@pytest.mark.parametrize("cls_name,kw", [
+    ("Llama", {"tie_word_embeddings": True}),
+    ("Llama", {"tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 1000.0}}),
+    ("Qwen3", {"tie_word_embeddings": False})])
+def test_llama_import_through_the_cli_gives_equal_logits_and_greedy_generations(tmp_path, capsys, cls_name, kw):
     from lmforge.cli import main
 
-    theirs = _llama(**kw)
+    theirs = _llama(cls_name, **kw)
     assert main(["import", str(_hf_dir(tmp_path, theirs, "gpt")), str(tmp_path / "run")]) == 0
-    assert "imported LlamaForCausalLM" in capsys.readouterr().out
+    assert f"imported {cls_name}ForCausalLM" in capsys.readouterr().out
     run = load_run(tmp_path / "run")
     c = run.config.model
-    assert (c.layout, c.n_kv_head, c.ffn_hidden, c.bias) == ("llama", 2, 80, False)
+    assert (c.layout, c.n_kv_head, c.ffn_hidden, c.bias, c.qk_norm) == ("llama", 2, 80, False, cls_name == "Qwen3")
     assert c.tie_embeddings == kw["tie_word_embeddings"] and c.rope_theta == theirs.config.rope_parameters["rope_theta"]
     ids, _, attention = _padded_batch(c.vocab_size)
     with torch.no_grad():
@@ -269,11 +274,19 @@ def test_llama_import_through_the_cli_gives_equal_logits_and_greedy_generations(
 def test_llama_export_and_import_refuse_what_does_not_map(tmp_path, capsys):
     from lmforge.cli import main
 
-    run = _make_run(tmp_path, "gpt", layout="llama", qk_norm=True)
+    run = _make_run(tmp_path, "gpt", layout="llama", qk_norm=True, bias=True)
     assert main(["export", str(run), "--to", "hf", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "model.qk_norm=true has no LlamaForCausalLM equivalent" in err
+    assert len(err.splitlines()) == 1 and "exports as Qwen3ForCausalLM, whose feed-forward has no biases" in err
     assert not (tmp_path / "out").exists()
+
+    qwen3 = _hf_dir(tmp_path, _llama("Qwen3"), "gpt", name="qwen3")
+    for change, message in (({"use_sliding_window": True}, "use_sliding_window=True: sliding-window attention"),
+                            ({"attention_bias": True}, "attention_bias=True: attention biases beside a feed-forward")):
+        _edit_config(qwen3, **change)
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            import_hf(qwen3, tmp_path / "run")
+        _edit_config(qwen3, **{key: False for key in change})
 
     directory = _hf_dir(tmp_path, _llama(), "gpt")
     original = (directory / "config.json").read_text()

@@ -6,7 +6,8 @@ attention keeps Q, K and V in one fused matrix (one matmul); theirs are three, s
 import concatenates. GPT (llama layout) <-> LlamaForCausalLM: the same split for Q, K, V (of unequal
 sizes under grouped-query attention) and for SwiGLU's fused gate and up projections. Our rotary
 embedding rotates the pairs (i, i + head_dim / 2) as transformers' Llama does, so Q and K need no
-permutation. Fine-tuned BERTs <-> BertForSequenceClassification / BertForTokenClassification /
+permutation. With model.qk_norm the same layout is Qwen3ForCausalLM: Llama's plus an RMSNorm over
+each head's queries and keys before the rotation, as ours. Fine-tuned BERTs <-> BertForSequenceClassification / BertForTokenClassification /
 BertForQuestionAnswering (TASK_HEADS): the encoder under `backbone.` and one linear head.
 Pure functions on state dicts and config dicts; files are hf_export / hf_import's.
 """
@@ -90,7 +91,8 @@ def bert_layout(n_layer: int) -> list[Mapped]:
 
 
 def llama_layout(config: ModelConfig) -> list[Mapped]:
-    """Our GPT in the llama layout <-> LlamaForCausalLM. A tied LM head is not listed (it is wte)."""
+    """Our GPT in the llama layout <-> LlamaForCausalLM (Qwen3ForCausalLM with qk_norm). A tied LM head is not
+    listed (it is wte)."""
     q, kv = config.n_head * config.head_dim, config.kv_heads * config.head_dim
     kinds = ("weight", "bias") if config.bias else ("weight",)
     out = [Mapped("wte.weight", ("model.embed_tokens.weight",))]
@@ -98,6 +100,8 @@ def llama_layout(config: ModelConfig) -> list[Mapped]:
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         out += [Mapped(f"{ours}ln_1.weight", (f"{theirs}input_layernorm.weight",)),
                 Mapped(f"{ours}ln_2.weight", (f"{theirs}post_attention_layernorm.weight",))]
+        if config.qk_norm:  # Qwen3ForCausalLM
+            out += [Mapped(f"{ours}attn.{n}_norm.weight", (f"{theirs}self_attn.{n}_norm.weight",)) for n in "qk"]
         for kind in kinds:
             out += [Mapped(f"{ours}attn.qkv.{kind}", tuple(f"{theirs}self_attn.{n}_proj.{kind}" for n in "qkv"),
                            sizes=(q, kv, kv)),
@@ -150,9 +154,9 @@ def _check_exportable(config: ModelConfig) -> None:
                            "equivalent (it has no position embeddings); only model.position=learned exports")
     if config.family not in ("gpt", "bert"):
         raise LmforgeError(f"no transformers layout for model.family={config.family} (exportable: gpt, bert)")
-    if config.qk_norm:
-        raise LmforgeError("model.qk_norm=true has no LlamaForCausalLM equivalent (Llama does not normalise "
-                           "queries and keys); only runs with qk_norm=false export")
+    if config.qk_norm and config.bias:
+        raise LmforgeError("model.qk_norm=true exports as Qwen3ForCausalLM, whose feed-forward has no biases; "
+                           "a run with model.bias=true and qk_norm does not export")
 
 
 def _activation_name(config: ModelConfig) -> str:
@@ -175,9 +179,15 @@ def gpt_hf_config(config: ModelConfig, eos_token_id: Optional[int] = None) -> di
 
 
 def llama_hf_config(config: ModelConfig, eos_token_id: Optional[int] = None) -> dict[str, Any]:
-    """transformers LlamaConfig fields for our gpt ModelConfig in the llama layout."""
+    """transformers LlamaConfig fields for our gpt ModelConfig in the llama layout (Qwen3Config with qk_norm)."""
     _check_exportable(config)
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.qk_norm:  # every layer full attention: Qwen3's sliding window off
+        qwen3 = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "use_sliding_window": False,
+                 "sliding_window": None, "max_window_layers": config.n_layer,
+                 "layer_types": ["full_attention"] * config.n_layer}
+    else:
+        qwen3 = {}
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
         "hidden_size": config.d_model, "intermediate_size": config.ffn_size, "num_hidden_layers": config.n_layer,
@@ -187,7 +197,7 @@ def llama_hf_config(config: ModelConfig, eos_token_id: Optional[int] = None) -> 
         "tie_word_embeddings": config.tie_embeddings, "pretraining_tp": 1,
         # transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling
         "rope_parameters": rope, "rope_theta": config.rope_theta, "rope_scaling": None,
-        "bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+        "bos_token_id": eos_token_id, "eos_token_id": eos_token_id, **qwen3,
     }
 
 
@@ -300,7 +310,7 @@ def bert_task_to_hf(config: ModelConfig, state: dict[str, torch.Tensor], kind: s
 
 SUPPORTED = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"),
              "bert": ("BertForPreTraining", "BertForMaskedLM", *TASK_HEADS, "BertModel"),
-             "llama": ("LlamaForCausalLM",)}
+             "llama": ("LlamaForCausalLM",), "qwen3": ("Qwen3ForCausalLM",)}
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
@@ -364,8 +374,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             mlp_ratio=_mlp_ratio(inner, width, "n_inner"), dropout=float(hf.get("resid_pdrop", 0.1)),
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), norm="pre",
             activation=_activation(hf.get("activation_function", "gelu_new"), "activation_function"))
-    elif model_type == "llama":
-        config = _llama_config_from_hf(hf)
+    elif model_type in ("llama", "qwen3"):
+        config = _llama_config_from_hf(hf, qk_norm=model_type == "qwen3")
     else:
         _refuse(hf, "position_embedding_type", "absolute", "relative position embeddings")
         _refuse(hf, "is_decoder", False, "a causal (decoder) BERT")
@@ -398,9 +408,13 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+def _llama_config_from_hf(hf: dict[str, Any], qk_norm: bool) -> ModelConfig:
+    """A LlamaConfig, or a Qwen3Config (qk_norm: Llama with normalised queries and keys)."""
     _refuse(hf, "hidden_act", "silu", "a gated feed-forward with another activation")
     _refuse(hf, "pretraining_tp", 1, "tensor-parallel slicing of the projections")
+    if qk_norm:
+        _refuse(hf, "use_sliding_window", False, "sliding-window attention")
+        _refuse(hf, "attention_bias", False, "attention biases beside a feed-forward without them")
     if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
         raise LmforgeError(f"config.json attention_bias={hf.get('attention_bias')} and mlp_bias="
                            f"{hf.get('mlp_bias')} differ; lmforge's model.bias sets both")
@@ -414,7 +428,7 @@ def _llama_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         vocab_size=_required(hf, "vocab_size"), ffn_hidden=_required(hf, "intermediate_size"),
         dropout=float(hf.get("attention_dropout", 0.0)), bias=bool(hf.get("attention_bias", False)),
         layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm="pre",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf), qk_norm=qk_norm)
 
 
 def _base_prefix(config: ModelConfig) -> str:

@@ -1,6 +1,7 @@
 """`lmforge export RUN --to hf OUT`: a run's checkpoint as a transformers model directory.
 
-GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout), T5 runs ->
+GPT runs -> GPT2LMHeadModel (gpt2 layout) or LlamaForCausalLM (llama layout; Qwen3ForCausalLM with
+qk_norm), T5 runs ->
 T5ForConditionalGeneration (lmforge/interop/hf_t5.py), BERT runs -> BertForPreTraining (which
 BertForMaskedLM and BertForSequenceClassification also load), fine-tuned BERT classifiers ->
 BertForSequenceClassification and taggers (task.kind tokens) -> BertForTokenClassification, each with
@@ -28,6 +29,7 @@ from lmforge.interop.hf_tokenizer import write_tokenizer_files
 from lmforge.model.config import ModelConfig
 
 AUTO_CLASS = {"GPT2LMHeadModel": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
+              "Qwen3ForCausalLM": "AutoModelForCausalLM",
               "BertForPreTraining": "AutoModelForPreTraining",
               "BertForSequenceClassification": "AutoModelForSequenceClassification",
               "BertForTokenClassification": "AutoModelForTokenClassification",
@@ -40,7 +42,9 @@ def architecture(config: ModelConfig) -> str:
     if config.family == "bert":
         return "BertForPreTraining"
     if config.family == "gpt":
-        return "LlamaForCausalLM" if config.layout == "llama" else "GPT2LMHeadModel"
+        if config.layout == "llama":
+            return "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"
+        return "GPT2LMHeadModel"
     if config.family == "t5":
         return "T5ForConditionalGeneration"
     raise LmforgeError(f"no transformers export for model.family={config.family} (exportable: gpt, bert, t5)")
