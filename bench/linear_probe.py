@@ -2,9 +2,10 @@
 
 Both models (the run's last checkpoint, and a fresh init of its shape with `--seed`) encode every train
 and dev example of a classification or regression task; the mean of the final hidden states over the
-real tokens (the `pooling: mean` of fine-tuning) is the feature vector. A logistic regression
-(classification: dev accuracy) or ridge regression (regression: dev Spearman), both from scikit-learn
-on standardised features, is fitted on train, optionally on a stratified label budget. Also printed:
+real tokens (the `pooling: mean` of fine-tuning) is the feature vector. A logistic regression with
+balanced class weights (classification) or a ridge regression (regression), both from scikit-learn on
+standardised features, is fitted on train, optionally on a stratified label budget, and scored with the
+task's selection metric (SST-2 accuracy, CoLA Matthews, STS-B Spearman) on dev. Also printed:
 the mean cosine between the features of different examples (near 1: every input looks alike) and how
 far the largest feature dimension stands above the mean one (massive activations).
 
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from lmforge.data.tokenizer import load_tokenizer
@@ -31,7 +31,8 @@ from lmforge.errors import LmforgeError
 from lmforge.model import build_model
 from lmforge.run import load_run_config
 from lmforge.tasks.batches import collate, encode_examples, pad_id, task_tokenizer
-from lmforge.tasks.datasets import load_task, subsample
+from lmforge.tasks.datasets import TaskData, load_task, subsample
+from lmforge.tasks.metrics import compute_metrics
 from lmforge.tasks.models import mean_pool
 from lmforge.train.checkpoint import find_checkpoint, load_model_weights
 
@@ -53,14 +54,16 @@ def features(model: torch.nn.Module, family: str, encoded: list, pad: int, batch
     return out
 
 
-def probe(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarray, dev_y: np.ndarray, regression: bool) -> float:
-    """Dev accuracy of a logistic regression, or dev Spearman of a ridge regression, on standardised features."""
+def probe(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarray, dev_y: np.ndarray, task: TaskData) -> float:
+    """The task's selection metric on dev of a linear model fitted on train's standardised features."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, dev_x = (train_x - mean) / std, (dev_x - mean) / std
-    if regression:
+    if task.is_regression:
         predicted = Ridge(alpha=10.0).fit(train_x, train_y).predict(dev_x)
-        return float(spearmanr(predicted, dev_y).statistic)
-    return float(LogisticRegression(C=0.1, max_iter=3000).fit(train_x, train_y).score(dev_x, dev_y))
+    else:  # balanced: a minority class (CoLA's unacceptable) is not left to the majority's vote
+        predicted = LogisticRegression(C=0.1, max_iter=3000, class_weight="balanced").fit(train_x, train_y).predict(dev_x)
+    metric = task.config.select_metric
+    return compute_metrics([metric], predicted, dev_y, task.positive_index or 1)[metric]
 
 
 def geometry(x: np.ndarray) -> dict:
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     train_y = np.array([e.label for e in train], dtype=np.float64)
     dev_y = np.array([e.label for e in task.dev], dtype=np.float64)
     result = {"run": str(run), "checkpoint": checkpoint.path.name, "task": task.name, "train_examples": len(train),
-              "metric": "spearman" if task.is_regression else "accuracy"}
+              "metric": task.config.select_metric}
     for init in ("pretrained", "random"):
         torch.manual_seed(args.seed)
         model = build_model(config)
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             load_model_weights(model, checkpoint.model_path)
         train_x = features(model, config.family, encoded_train, pad)
         dev_x = features(model, config.family, encoded_dev, pad)
-        result[init] = {"probe": probe(train_x, train_y, dev_x, dev_y, task.is_regression), **geometry(dev_x)}
+        result[init] = {"probe": probe(train_x, train_y, dev_x, dev_y, task), **geometry(dev_x)}
     if args.json:
         print(json.dumps(result))
     else:

@@ -51,13 +51,20 @@ def test_geometry_equals_a_pairwise_count():
     assert got["top_dimension_ratio"] == pytest.approx(np.abs(x).mean(0).max() / np.abs(x).mean(0).mean())
 
 
-def test_probe_learns_a_separable_task_and_scores_spearman_for_regression():
+def test_probe_scores_the_tasks_selection_metric(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 4))
-    labels = (x[:, 0] > 0).astype(float)
-    assert probe.probe(x[:150], labels[:150], x[150:], labels[150:], regression=False) > 0.9
+    labels = (x[:, 0] > 0.8).astype(float)  # a minority class, as CoLA's
+    task = load_task(make_task(tmp_path, SENTIMENT, yaml_text="metrics: [mcc, accuracy]\n"))
+    assert task.config.select_metric == "mcc"
+    assert probe.probe(x[:150], labels[:150], x[150:], labels[150:], task) > 0.7
+    noise = rng.normal(size=(200, 4))  # nothing to learn: Matthews near 0 (accuracy would be ~0.5 or more)
+    assert abs(probe.probe(noise[:150], labels[:150], noise[150:], labels[150:], task)) < 0.3
     score = 2 * x[:, 1] + 0.1 * rng.normal(size=200)
-    assert probe.probe(x[:150], score[:150], x[150:], score[150:], regression=True) > 0.9
+    regression = load_task(make_task(tmp_path, [("a", 1.0), ("b", 2.5), ("c", 0.5)], name="sim",
+                                     yaml_text="kind: regression\n"))
+    assert regression.config.select_metric == "spearman"
+    assert probe.probe(x[:150], score[:150], x[150:], score[150:], regression) > 0.9
 
 
 def test_end_to_end_json_and_one_line_errors(tmp_path, capsys):
