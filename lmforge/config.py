@@ -373,6 +373,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise LmforgeError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
         return value
+    if tp is Any:
+        return value  # checked by whoever reads it (e.g. a section of settings merged into a dataclass)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise LmforgeError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -2,6 +2,7 @@
 predict verbs, on tiny runs built in-process (a tokenizer + one random-weight checkpoint)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -299,6 +300,36 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_experiment_task_finetune_gives_one_task_its_own_settings(tmp_path, capsys):
+    from lmforge.errors import LmforgeError
+    from lmforge.tasks.experiment import load_experiment
+
+    shipped = load_experiment("finetune-pretrain-value")
+    assert shipped.finetune_for("stsb").lr == 3e-4 and shipped.finetune_for("sst2") is shipped.finetune
+    tuned = load_experiment("finetune-pretrain-value", ["task_finetune.cola.dropout=0", "task_finetune.cola.lr=2e-3"])
+    assert (tuned.finetune_for("cola").dropout, tuned.finetune_for("cola").lr) == (0.0, 2e-3)
+    assert tuned.finetune_for("cola").steps == shipped.finetune.steps  # the rest is the shared recipe
+    for override, message in (("task_finetune.stsb.lrr=1", "unknown config key 'task_finetune.stsb.lrr'"),
+                              ("task_finetune.stsb.lr=-1", "task_finetune.stsb.lr and task_finetune.stsb.head_lr "
+                                                           "must be positive"),
+                              ("task_finetune.stsb.seed=3", "task_finetune.stsb.seed: the experiment sets seed per cell"),
+                              ("task_finetune.stsb=3", "config key 'task_finetune.stsb' must be a mapping")):
+        with pytest.raises(LmforgeError, match=re.escape(message)):
+            load_experiment("finetune-pretrain-value", [override])
+
+    # end to end: the task's cells train with its lr, and the table's header says so
+    base = make_base_run(tmp_path)
+    task = make_task(tmp_path, SENTIMENT)
+    out = tmp_path / "exp"
+    assert main(["experiment", str(base), "--tasks", str(task), "--fractions", "1", "--seeds", "1", "--out", str(out),
+                 "--set", "finetune.steps=2", "--set", "finetune.batch_size=4",
+                 "--set", f"task_finetune.{task}.lr=2e-3"]) == 0
+    assert "; " + str(task) + ": lr 0.002)" in capsys.readouterr().out
+    for init in ("pretrained", "random"):
+        cell = yaml.safe_load((out / f"sent-f1-{init}-s1" / "config.yaml").read_text())
+        assert cell["finetune"]["lr"] == 2e-3
 
 
 def test_experiment_compares_pretrained_and_random_init_per_budget(tmp_path, capsys):

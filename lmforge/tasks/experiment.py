@@ -40,7 +40,22 @@ class ExperimentConfig:
     tasks: list[str] = field(default_factory=lambda: ["sst2", "mrpc"])
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # label budgets, of each class
     seeds: list[int] = field(default_factory=lambda: [42])  # each cell once per seed (finetune.seed is ignored)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the same for every cell
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # every cell's, unless task_finetune says
+    # per task (as named in `tasks`): finetune keys that differ for that task's cells, e.g. {stsb: {lr: 3e-4}};
+    # both inits of a task share them, so each comparison stays one recipe against itself
+    task_finetune: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def finetune_for(self, task: str) -> FinetuneConfig:
+        """The finetune settings of `task`'s cells: `finetune` with the task's own keys over it."""
+        overrides = self.task_finetune.get(task)
+        if not overrides:
+            return self.finetune
+        prefix = f"task_finetune.{task}"
+        for key in overrides:
+            if key in ("init", "label_fraction", "seed"):
+                raise LmforgeError(f"{prefix}.{key}: the experiment sets {key} per cell")
+        merged = {**dataclasses.asdict(self.finetune), **overrides}
+        return from_dict(FinetuneConfig, merged, prefix).validate(prefix)
 
     def validate(self) -> "ExperimentConfig":
         if not self.tasks:
@@ -52,6 +67,10 @@ class ExperimentConfig:
         for i, seed in enumerate(self.seeds):
             check_seed(seed, f"seeds[{i}]")
         self.finetune.validate()
+        # Checked now, not when the task's first cell starts. A task not in `tasks` (the recipe tunes stsb,
+        # --tasks leaves it out) is not used; the table's header names the settings each task did use.
+        for task in self.task_finetune:
+            self.finetune_for(task)
         return self
 
 
@@ -90,7 +109,7 @@ def run_experiment(pretrained: str | Path, config: ExperimentConfig, out: Path,
         preload = len(parts) == 1 and parts[0].kind in ("classification", "regression", "generation")
         for fraction, seed, init in itertools.product(config.fractions, config.seeds, INITS):
             run_dir = out / _cell_name(short_name, fraction, init, seed)
-            recipe = dataclasses.replace(config.finetune, init=init, label_fraction=fraction, seed=seed)
+            recipe = dataclasses.replace(config.finetune_for(task_name), init=init, label_fraction=fraction, seed=seed)
             if (run_dir / CONFIG_FILE).is_file():  # an earlier run of OUT left this cell: trained the same way?
                 _check_cell_matches(run_dir, plan_finetune(pretrained, task_name, data_root=data_root,
                                                            finetune=recipe))
@@ -160,6 +179,10 @@ def _spread(scores: Sequence[float]) -> str:
     return f"{mean:.3f}" if len(scores) == 1 else f"{mean:.3f} ± {statistics.stdev(scores):.3f}"
 
 
+def _setting(key: str, value: Any) -> str:
+    return f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+
+
 def results_table(rows: Sequence[dict[str, Any]], config: ExperimentConfig, pretrained: str | Path) -> str:
     """Markdown: per task and budget, the dev metric from pretrained and from random init (mean ± sd over
     seeds), the mean gain, and on how many seeds the pretrained model scored higher."""
@@ -167,8 +190,10 @@ def results_table(rows: Sequence[dict[str, Any]], config: ExperimentConfig, pret
     seeds = sorted({r["seed"] for r in rows})
     lines = [f"Dev metric after fine-tuning from `{pretrained}` vs from random init (same shape, tokenizer and "
              f"recipe: {f'{ft.steps} steps' if ft.steps else f'{ft.epochs:g} epoch(s)'} of {ft.batch_size}, lr {ft.lr:g}, "
-             f"max_length {ft.max_length}, pooling {ft.pooling}, best dev checkpoint); "
-             f"seeds {', '.join(map(str, seeds))}"
+             f"max_length {ft.max_length}, pooling {ft.pooling}, best dev checkpoint"
+             + "".join(f"; {task}: " + ", ".join(_setting(k, getattr(config.finetune_for(task), k)) for k in overrides)
+                       for task, overrides in config.task_finetune.items() if task in config.tasks)
+             + f"); seeds {', '.join(map(str, seeds))}"
              + (" (mean ± sample standard deviation)." if len(seeds) > 1 else "."), "",
              "| task | budget | labels | metric | pretrained | random init | gain | pretrained higher |",
              "|---|---|---|---|---|---|---|---|"]
