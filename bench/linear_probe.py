@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
+from tqdm import tqdm
 
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
@@ -43,7 +44,8 @@ def features(model: torch.nn.Module, family: str, encoded: list, pad: int, batch
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     out = np.zeros((len(encoded), model.config.d_model), dtype=np.float64)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="encode", unit="batch", leave=False,
+                      disable=not sys.stderr.isatty()):
         rows = order[start:start + batch_size]
         batch = collate([encoded[i] for i in rows], pad)
         if family == "bert":
