@@ -278,6 +278,47 @@ def test_label_count_mismatch_with_a_finetuned_head_is_a_clear_error(tmp_path, c
                  "--set", "finetune.steps=2"]) == 0
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_siamese_pooling_encodes_each_sentence_alone(tmp_path, family):
+    base = make_base_run(tmp_path, family)
+    config = config_from_dict(yaml.safe_load((base / "config.yaml").read_text())).model
+    tok = task_tokenizer(load_tokenizer(base / "tokenizer.json"), family, max_length=40)
+    torch.manual_seed(0)
+    model = build_task_model(config, "regression", 1, 0.0, pooling="siamese").eval()
+    pairs = [("a great film", "bad acting"), ("good", "an awful cast and a dull story"), ("fine and great", "good")]
+    batch = collate(encode_examples(tok, [Example(a, b, 0.0, "x") for a, b in pairs]), pad=0, regression=True)
+    with torch.no_grad():
+        features = model.siamese_features(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        # Reference: each sentence encoded alone as a single-sentence input, its final states averaged in float64.
+        expected = []
+        for a, b in pairs:
+            u, v = [model.backbone(item["input_ids"], item["token_type_ids"])[0].double().mean(1)
+                    if family == "bert" else model.backbone.hidden_states(item["input_ids"]).double().mean(1)
+                    for item in (collate(encode_examples(tok, [Example(t, None, 0.0, "x")]), pad=0)
+                                 for t in (a, b))]
+            expected.append(torch.cat([u, v, (u - v).abs(), u * v], dim=-1))
+        assert torch.allclose(features.double(), torch.cat(expected), atol=1e-5)
+        assert torch.allclose(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
+                              model.head(features))
+
+
+def test_siamese_finetune_learns_a_pair_task_and_predicts_pairs(tmp_path, capsys):
+    base = make_base_run(tmp_path)
+    rows = [(a, b, "same" if (a in POSITIVE) == (b in POSITIVE) else "other")
+            for a in POSITIVE[:4] + NEGATIVE[:4] for b in POSITIVE[4:] + NEGATIVE[4:]]
+    pairs = make_task(tmp_path, rows, name="pairs", yaml_text="text: text\ntext_pair: pair\n")
+    finetune(plan_finetune(base, str(pairs), [*FAST, "finetune.steps=80", "finetune.pooling=siamese"]),
+             tmp_path / "ft", progress=False)
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    run, metrics = evaluate_finetuned(tmp_path / "ft")
+    assert run.model.pooling == "siamese" and summary["dev"]["accuracy"] >= 0.9
+    assert metrics["val_accuracy"] == summary["dev"]["accuracy"]
+    assert predict(run, [(POSITIVE[0], POSITIVE[5])])[0]["label"] == "same"
+    assert main(["export", str(tmp_path / "ft"), "--to", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.pooling=siamese" in err and "Traceback" not in err and not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["finetune", "{base}"], "usage: lmforge finetune RUN --task"),
     (["finetune", "{base}", "--task", "{task}", "--set", "model.n_layer=3"], "a fine-tune takes name=..."),
@@ -291,6 +332,8 @@ def test_label_count_mismatch_with_a_finetuned_head_is_a_clear_error(tmp_path, c
     (["finetune", "{base}", "--task", "{task}", "--set", "finetune.pooling=last"], "finetune.pooling: pooling 'last'"),
     (["finetune", "{base}", "--task", "{task}", "--set", "finetune.pooling=max"], "finetune.pooling"),
     (["experiment", "{base}", "--fractions", "0.5,1.5"], "fractions must be in (0, 1]"),
+    (["finetune", "{base}", "--task", "{task}", "--set", "finetune.pooling=siamese"],
+     "'siamese' compares the two sentences of a pair task; sent has no text_pair"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
     base = make_base_run(tmp_path)

@@ -346,9 +346,10 @@ class FinetuneConfig:
     # multi-task (--task a,b on a t5 run): each epoch holds min(n, mixing_cap) examples of a task of n
     # (T5's examples-proportional mixing with an artificial limit, tasks/mixture.py)
     mixing_cap: int = 65536
-    # classifiers' summary vector: auto = pooled [CLS] (bert) / last real token (gpt); cls; last; or mean
-    # = the average final hidden state over the real tokens (either family)
-    pooling: Literal["auto", "cls", "last", "mean"] = "auto"
+    # classifiers' summary vector: auto = pooled [CLS] (bert) / last real token (gpt); cls; last; mean
+    # = the average final hidden state over the real tokens (either family); or siamese (pair tasks):
+    # each sentence encoded alone and mean-pooled to u, v, the head reading [u, v, |u - v|, u * v]
+    pooling: Literal["auto", "cls", "last", "mean", "siamese"] = "auto"
 
     def validate(self, prefix: str = "finetune") -> "FinetuneConfig":
         for key in ("batch_size", "max_length", "log_every"):

@@ -135,6 +135,10 @@ def plan_finetune(base_run: str | Path, task: str, overrides: Sequence[str] = ()
             resolve_pooling(config.finetune.pooling, config.model.family)
         except ValueError as err:
             raise LmforgeError(f"finetune.pooling: {err} ({base_run} is a {config.model.family} run)") from None
+        single = [t.name for t in config.tasks if t.text_pair is None]
+        if config.finetune.pooling == "siamese" and single:
+            raise LmforgeError(f"finetune.pooling: 'siamese' compares the two sentences of a pair task; "
+                               f"{', '.join(single)} has no text_pair (use mean, cls or last)")
     return config
 
 
