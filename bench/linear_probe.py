@@ -9,10 +9,14 @@ task's selection metric (SST-2 accuracy, CoLA Matthews, STS-B Spearman) on dev. 
 the mean cosine between the features of different examples (near 1: every input looks alike) and how
 far the largest feature dimension stands above the mean one (massive activations).
 
+With `--pooling siamese` (pair tasks), each sentence is encoded alone and the features are the
+fine-tuning head's [u, v, |u - v|, u * v] of the two mean-pooled sentence vectors.
+
 No weight moves, so this separates "the features hold the task" from "fine-tuning finds it": when the
 probe favours the pretrained model but fine-tuning does not, the fine-tuning recipe is what to change.
 
-    python bench/linear_probe.py RUN [--task sst2] [--fraction 0.1] [--seed 1] [--max-length 128] [--json]
+    python bench/linear_probe.py RUN [--task sst2] [--fraction 0.1] [--seed 1] [--max-length 128]
+                                     [--pooling mean|siamese] [--json]
 """
 
 from __future__ import annotations
@@ -34,20 +38,30 @@ from lmforge.run import load_run_config
 from lmforge.tasks.batches import collate, encode_examples, pad_id, task_tokenizer
 from lmforge.tasks.datasets import TaskData, load_task, subsample
 from lmforge.tasks.metrics import compute_metrics
-from lmforge.tasks.models import mean_pool
+from lmforge.tasks.models import SequenceClassifier, mean_pool
 from lmforge.train.checkpoint import find_checkpoint, load_model_weights
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, family: str, encoded: list, pad: int, batch_size: int = 64) -> np.ndarray:
-    """Mean-pooled final hidden states, one row per example (length-sorted batches, original order)."""
+def features(model: torch.nn.Module, family: str, encoded: list, pad: int, batch_size: int = 64,
+             pooling: str = "mean") -> np.ndarray:
+    """Mean-pooled final hidden states (or siamese pair features), one row per example (length-sorted batches,
+    original order)."""
     model.eval()
+    backbone = model.bert if family == "bert" else model
+    # The fine-tuning classifier's own feature code; its head is never used.
+    siamese = SequenceClassifier(backbone, 1, 0.0, "siamese").eval() if pooling == "siamese" else None
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
-    out = np.zeros((len(encoded), model.config.d_model), dtype=np.float64)
+    width = model.config.d_model * (4 if siamese else 1)
+    out = np.zeros((len(encoded), width), dtype=np.float64)
     for start in tqdm(range(0, len(order), batch_size), desc="encode", unit="batch", leave=False,
                       disable=not sys.stderr.isatty()):
         rows = order[start:start + batch_size]
         batch = collate([encoded[i] for i in rows], pad)
+        if siamese is not None:
+            out[rows] = siamese.siamese_features(batch["input_ids"], batch["token_type_ids"],
+                                                 batch["attention_mask"]).double().numpy()
+            continue
         if family == "bert":
             hidden, _ = model.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         else:  # causal and right-padded: real positions never see the pads
@@ -85,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=1.0, help="label budget of train, as in fine-tuning")
     parser.add_argument("--seed", type=int, default=1, help="the label sample and the random init")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--pooling", choices=["mean", "siamese"], default="mean",
+                        help="mean of the input's final hidden states, or siamese (pair tasks): "
+                             "[u, v, |u - v|, u * v] of each sentence encoded alone")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -96,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         if task.config.kind not in ("classification", "regression"):
             raise LmforgeError(f"task {task.name} is a {task.config.kind} task; the probe needs classification "
                                f"or regression")
+        if args.pooling == "siamese" and not task.is_pair:
+            raise LmforgeError(f"--pooling siamese compares the two sentences of a pair task; {task.name} has one")
         tokenizer = task_tokenizer(load_tokenizer(run / "tokenizer.json"), config.family, args.max_length)
         train = subsample(task.train, args.fraction, args.seed) if args.fraction < 1 else task.train
         encoded_train, encoded_dev = encode_examples(tokenizer, train), encode_examples(tokenizer, task.dev)
@@ -107,20 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     train_y = np.array([e.label for e in train], dtype=np.float64)
     dev_y = np.array([e.label for e in task.dev], dtype=np.float64)
     result = {"run": str(run), "checkpoint": checkpoint.path.name, "task": task.name, "train_examples": len(train),
-              "metric": task.config.select_metric}
+              "metric": task.config.select_metric, "pooling": args.pooling}
     for init in ("pretrained", "random"):
         torch.manual_seed(args.seed)
         model = build_model(config)
         if init == "pretrained":
             load_model_weights(model, checkpoint.model_path)
-        train_x = features(model, config.family, encoded_train, pad)
-        dev_x = features(model, config.family, encoded_dev, pad)
+        train_x = features(model, config.family, encoded_train, pad, pooling=args.pooling)
+        dev_x = features(model, config.family, encoded_dev, pad, pooling=args.pooling)
         result[init] = {"probe": probe(train_x, train_y, dev_x, dev_y, task), **geometry(dev_x)}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{run} ({checkpoint.path.name}) on {task.name}, {len(train):,} train examples; "
-              f"linear probe of mean-pooled features:")
+              f"linear probe of {'siamese pair' if args.pooling == 'siamese' else 'mean-pooled'} features:")
         for init in ("pretrained", "random"):
             r = result[init]
             print(f"  {init:<10} dev {result['metric']} {r['probe']:.3f}   mean cosine {r['mean_cosine']:.3f}   "

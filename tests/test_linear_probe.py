@@ -80,3 +80,29 @@ def test_end_to_end_json_and_one_line_errors(tmp_path, capsys):
     assert probe.main([str(tmp_path / "missing"), "--task", str(task)]) == 2
     err = capsys.readouterr().err
     assert "run directory not found" in err and err.count("\n") == 1
+    assert probe.main([str(run), "--task", str(task), "--pooling", "siamese"]) == 2
+    err = capsys.readouterr().err
+    assert "compares the two sentences of a pair task" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_siamese_features_are_the_fine_tuning_heads_input(tmp_path, family, capsys):
+    run = make_base_run(tmp_path, family)
+    config = load_run_config(run).model
+    tokenizer = task_tokenizer(load_tokenizer(run / "tokenizer.json"), family, 64)
+    rows = [(a, b, "same" if i % 2 else "other") for i, (a, b) in enumerate(zip(SENTIMENT, SENTIMENT[3:]))]
+    pairs = make_task(tmp_path, [(a[0], b[0], label) for a, b, label in rows], name="pairs",
+                      yaml_text="text: text\ntext_pair: pair\n")
+    encoded = encode_examples(tokenizer, load_task(pairs).train)
+    torch.manual_seed(0)
+    model = build_model(config)
+    batched = probe.features(model, family, encoded, pad_id(tokenizer, family), batch_size=5, pooling="siamese")
+    classifier = SequenceClassifier(model.bert if family == "bert" else model, 2, 0.0, "siamese").eval()
+    with torch.no_grad():
+        for row, item in enumerate(encoded):  # one pair at a time, unpadded
+            ids, types = torch.tensor([item.ids]), torch.tensor([item.type_ids])
+            alone = classifier.siamese_features(ids, types, torch.ones_like(ids))[0]
+            np.testing.assert_allclose(batched[row], alone.double().numpy(), atol=1e-5)
+    assert probe.main([str(run), "--task", str(pairs), "--pooling", "siamese", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pooling"] == "siamese" and 0 <= result["pretrained"]["probe"] <= 1
