@@ -140,9 +140,6 @@ def export_run(run_dir: Path, out: Path, checkpoint: Optional[str] = None) -> Ex
         if task.kind in ("generation", "seq2seq") or config.family == "t5":  # the pretraining model, trained on
             files = export_model(config, tuned.model.state_dict(), tuned.tokenizer, out)
             return Exported(out, architecture(config), tuned.checkpoint.path.name, files)
-        if task.kind in ("classification", "regression") and tuned.model.pooling == "siamese":
-            raise LmforgeError(f"{run_dir} was fine-tuned with finetune.pooling=siamese; transformers has no "
-                               f"sentence-pair head that encodes the two sentences apart, so it does not export")
         if config.family == "bert" and task.kind in ("classification", "regression") and tuned.model.pooling != "cls":
             # BertForSequenceClassification classifies the pooled [CLS] vector only.
             raise LmforgeError(f"{run_dir} was fine-tuned with finetune.pooling={tuned.config.finetune.pooling}; "
